@@ -1,0 +1,8 @@
+"""torchxform: JAX-like composable function transforms for PyTorch, in Python."""
+
+from . import rules as _rules  # noqa: F401  (registers every rule)
+from ._core.errors import SlowFallbackWarning
+from .transforms.vmap import vmap
+
+__all__ = ["vmap", "SlowFallbackWarning"]
+__version__ = "0.1.0"

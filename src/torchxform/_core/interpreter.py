@@ -1,0 +1,116 @@
+"""The interpreter stack: one entry per active transform.
+
+Every transform (vmap, grad, jvp, ...) pushes an :class:`Interpreter` while
+the user's function runs; its position on the thread-local stack is its
+*level* (1 for the outermost).  Values a transform tracks are tracers
+(see ``tracer.py``) that point back at their interpreter; ``bind`` (see
+``dispatch.py``) routes every ATen op to the highest live level among them.
+
+NOTE [Ceiling]
+While an interpreter at level L runs a rule, the ops the rule issues belong
+to the levels below L.  Tracers make that automatic for ops on tracked
+values, but an op without any tracer argument (``torch.rand(3)`` from a
+random-op rule, for instance) would otherwise be routed to the top of the
+stack.  ``STATE.ceiling`` records how many stack entries (from the bottom)
+may receive such ops: ``None`` at user level (all of them), ``L - 1`` while
+level L processes an op, ``L`` while level L runs a decomposition of one of
+its own ops (whose random ops it must see itself).
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class TransformState(threading.local):
+    """Thread-local state shared by all transforms."""
+
+    def __init__(self) -> None:
+        self.stack: list[Interpreter] = []
+        self.ceiling: int | None = None  # See NOTE [Ceiling]
+
+
+STATE = TransformState()
+
+
+class Interpreter:
+    """One active transform.  Subclasses implement :meth:`process`.
+
+    ``level`` is fixed when the interpreter is pushed; ``alive`` turns False
+    when its transform returns, after which its escaped tracers stand for
+    their plain values (see ``Tracer._dead_value``).
+    """
+
+    __slots__ = ("level", "alive", "__weakref__")
+    name = "transform"
+
+    def __init__(self) -> None:
+        self.level = 0
+        self.alive = False
+
+    def process(self, op, args, kwargs):
+        """Run ATen ``op`` whose highest-level tracer argument belongs to self.
+
+        ``args``/``kwargs`` are as ``__torch_dispatch__`` received them: this
+        interpreter's tracers, tracers of lower levels and plain values.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement process()")
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive else "dead"
+        return f"{type(self).__name__}(level={self.level}, {state})"
+
+
+class interpreting:
+    """Context manager: push ``interp`` for the duration of a transform.
+
+    Restores the stack, the ceiling and the dispatch mode on every exit path,
+    also when the user's function raises.
+    """
+
+    __slots__ = ("interp", "_depth", "_ceiling", "_mode_token")
+
+    def __init__(self, interp: Interpreter) -> None:
+        self.interp = interp
+
+    def __enter__(self) -> Interpreter:
+        from .dispatch import enter_mode  # dispatch imports this module
+
+        state = STATE
+        stack = state.stack
+        self._depth = len(stack)
+        self._ceiling = state.ceiling
+        interp = self.interp
+        interp.level = self._depth + 1
+        interp.alive = True
+        stack.append(interp)
+        # The user's function runs at user level: random ops without tracers
+        # go to the top of the stack again.  See NOTE [Ceiling].
+        state.ceiling = None
+        self._mode_token = enter_mode()
+        return interp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        from .dispatch import exit_mode
+
+        state = STATE
+        self.interp.alive = False
+        # Also drops levels that a failing nested transform left behind.
+        for leftover in state.stack[self._depth :]:
+            leftover.alive = False
+        del state.stack[self._depth :]
+        state.ceiling = self._ceiling
+        exit_mode(self._mode_token)
+
+
+def active_interpreters() -> tuple[Interpreter, ...]:
+    """The live interpreters of this thread, outermost first."""
+    return tuple(STATE.stack)
+
+
+def transform_depth() -> int:
+    """How many transforms are active on this thread."""
+    return len(STATE.stack)
+
+
+__all__ = ["Interpreter", "interpreting", "active_interpreters", "transform_depth", "STATE"]

@@ -1,0 +1,158 @@
+"""Rule tables keyed by ``OpOverload``, and what to do when an op has none.
+
+Each transform looks its rules up in its own dict (one lookup per op per
+level).  Rules are registered next to each other per op family under
+``torchxform/rules/``; this module only holds the tables, the decomposition
+lookup and the coverage listing.
+
+Batching rules have the signature ``rule(bdims, *args, **kwargs) ->
+(out, out_bdims)``: ``args`` are the op's positional arguments with this
+level's tracers replaced by their physical values, ``bdims`` a tuple with
+one entry per positional argument (the batch dim, or None for unbatched and
+non-tensor arguments; for a ``Tensor[]`` argument, a tuple of entries), and
+``out_bdims`` mirrors the output structure.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+
+import torch
+from torch._ops import OpOverload, OpOverloadPacket
+
+# op -> batching rule.  See the module docstring for the signature.
+BATCH_RULES: dict[OpOverload, Callable] = {}
+
+# Ops whose rule raises on purpose (dynamic shapes, data-dependent values):
+# reported as such by the coverage listing.
+ERROR_RULES: set[OpOverload] = set()
+
+
+_CHANGE_HOOKS: list[Callable[[], None]] = []
+
+
+def on_rules_changed(hook: Callable[[], None]) -> None:
+    """Call ``hook`` whenever a rule is registered (transforms cache per-op
+    lookups and clear them then)."""
+    _CHANGE_HOOKS.append(hook)
+
+
+def _changed() -> None:
+    for hook in _CHANGE_HOOKS:
+        hook()
+
+
+def _overloads(ops) -> Iterable[OpOverload]:
+    for op in ops:
+        if isinstance(op, OpOverloadPacket):
+            raise TypeError(
+                f"register rules for overloads, not packets: got {op}; "
+                f"pick one of {op.overloads()} (e.g. {op}.{op.overloads()[0]})"
+            )
+        if not isinstance(op, OpOverload):
+            raise TypeError(f"expected a torch OpOverload such as torch.ops.aten.sin.default, got {op!r}")
+        yield op
+
+
+def register_batching(*ops: OpOverload, error: bool = False):
+    """Decorator: register ``rule`` as the batching rule of each op in ``ops``.
+
+    The rule receives the op as first argument when it is registered for
+    several ops (``functools.partial``), so one generic rule serves a family.
+    ``error=True`` marks rules that exist only to raise a clear error.
+    """
+
+    def decorator(rule: Callable) -> Callable:
+        many = len(ops) > 1
+        for op in _overloads(ops):
+            BATCH_RULES[op] = functools.partial(rule, op) if many else rule
+            if error:
+                ERROR_RULES.add(op)
+        _changed()
+        return rule
+
+    return decorator
+
+
+def register_batching_each(ops: Iterable[OpOverload], rule: Callable, **options) -> None:
+    """Register ``functools.partial(rule, op, **options)`` for every op."""
+    for op in _overloads(ops):
+        BATCH_RULES[op] = functools.partial(rule, op, **options)
+    _changed()
+
+
+def overloads(packet: OpOverloadPacket, *names: str) -> list[OpOverload]:
+    """The named overloads of ``packet`` that exist in this torch build."""
+    found = []
+    for name in names:
+        if name in packet.overloads():
+            found.append(getattr(packet, name))
+    return found
+
+
+# --------------------------------------------------------------------------
+# Decompositions
+# --------------------------------------------------------------------------
+
+# Only ATen-level decompositions: torch._refs implementations are written in
+# prims, which no interpreter here has rules for, and the `*_copy` entries
+# of the table alias their view ops (a copy op must not return a view).
+_DECOMP_MODULES = ("torch._decomp.decompositions",)
+_DECOMP_CACHE: dict[OpOverload, Callable | None] = {}
+
+
+def decomposition(op: OpOverload) -> Callable | None:
+    """A decomposition of ``op`` into other ATen ops, or None.
+
+    First the op's CompositeImplicitAutograd kernel: such ops normally
+    decompose above ``__torch_dispatch__``, but inside a rule (below
+    autograd) they arrive whole.  Then torch._decomp's Python ones.
+    """
+    try:
+        return _DECOMP_CACHE[op]
+    except KeyError:
+        pass
+    from torch._decomp import decomposition_table
+
+    if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd"):
+        fn = op.decompose
+    else:
+        fn = decomposition_table.get(op)
+        if fn is not None and getattr(fn, "__module__", "") not in _DECOMP_MODULES:
+            fn = None
+    _DECOMP_CACHE[op] = fn
+    return fn
+
+
+# --------------------------------------------------------------------------
+# Coverage
+# --------------------------------------------------------------------------
+
+
+def batching_coverage(op: OpOverload) -> str:
+    """How vmap handles ``op``: 'rule', 'error' (a rule that raises on
+    purpose), 'decomposition' or 'loop' (the slow per-example fallback)."""
+    if op in BATCH_RULES:
+        return "error" if op in ERROR_RULES else "rule"
+    if decomposition(op) is not None:
+        return "decomposition"
+    return "loop"
+
+
+def registered_ops() -> list[OpOverload]:
+    """Every op that has at least one registered rule, sorted by name."""
+    return sorted(BATCH_RULES, key=str)
+
+
+__all__ = [
+    "BATCH_RULES",
+    "ERROR_RULES",
+    "register_batching",
+    "on_rules_changed",
+    "register_batching_each",
+    "overloads",
+    "decomposition",
+    "batching_coverage",
+    "registered_ops",
+]

@@ -1,0 +1,27 @@
+"""Facts about an ATen op read once from its schema and cached."""
+
+from __future__ import annotations
+
+_INPLACE: dict = {}
+_OUT_VARIANT: dict = {}
+
+
+def mutates_self(op) -> bool:
+    """True when ``op`` writes its first argument in place (``add_``,
+    ``copy_``, ``index_put_``, ...) and so returns it."""
+    flag = _INPLACE.get(op)
+    if flag is None:
+        arguments = op._schema.arguments
+        alias = arguments[0].alias_info if arguments else None
+        flag = _INPLACE[op] = bool(alias is not None and alias.is_write and not arguments[0].kwarg_only)
+    return flag
+
+
+def is_out_variant(op) -> bool:
+    """True for ``out=`` overloads (they write a keyword-only argument)."""
+    flag = _OUT_VARIANT.get(op)
+    if flag is None:
+        flag = _OUT_VARIANT[op] = any(
+            a.kwarg_only and a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments
+        )
+    return flag

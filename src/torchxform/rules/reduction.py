@@ -1,0 +1,1 @@
+"""(batching rules for this family are being written)"""

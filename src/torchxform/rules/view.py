@@ -1,0 +1,334 @@
+"""Shape and view ops: view/reshape, permute/transpose, expand, squeeze,
+slicing, splitting, concatenation, and their `*_copy` variants.
+
+View rules return physical views of their input, so writes through a view
+of a batched tensor reach its base, as in eager PyTorch.  Where possible a
+rule keeps the batch dim where it is (one op, no extra movedim).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._core.registry import BATCH_RULES, overloads, register_batching, register_batching_each
+from ._batching import front_padded, logical_rank, materialize, move_bdim_to_front, wrap_dim
+
+aten = torch.ops.aten
+
+
+def _phys(dim: int, bdim: int) -> int:
+    """Physical position of canonical logical ``dim`` when the batch sits at
+    ``bdim``: dims at or after the batch shift right by one."""
+    return dim if dim < bdim else dim + 1
+
+
+def _after_removing(dim: int, bdim: int) -> int:
+    """bdim after physical ``dim`` (not the batch dim) is removed."""
+    return bdim - 1 if dim < bdim else bdim
+
+
+# -- view / reshape -----------------------------------------------------------
+
+
+@register_batching(aten.view.default, aten._unsafe_view.default, *overloads(aten.reshape, "default"))
+def view_batch(op, bdims, x, size):
+    x = move_bdim_to_front(x, bdims[0])
+    return op(x, (x.shape[0],) + tuple(size)), 0
+
+
+@register_batching(*overloads(aten.view, "dtype"))
+def view_dtype_batch(bdims, x, dtype):
+    bdim = bdims[0]
+    if bdim == x.dim() - 1:  # the reinterpreted dim must be a logical one
+        x, bdim = move_bdim_to_front(x, bdim), 0
+    return x.view(dtype), bdim
+
+
+# -- permutations -------------------------------------------------------------
+
+
+@register_batching(aten.permute.default)
+def permute_batch(bdims, x, dims):
+    bdim = bdims[0]
+    rank = x.dim() - 1
+    if len(dims) != rank:
+        raise RuntimeError(
+            f"permute(sparse_coo): number of dimensions in the tensor input does not match the "
+            f"length of the desired ordering of dimensions i.e. input.dim() = {rank} is not equal "
+            f"to len(dims) = {len(dims)}"
+        )
+    return x.permute([bdim] + [_phys(wrap_dim(d, rank), bdim) for d in dims]), 0
+
+
+@register_batching(aten.transpose.int)
+def transpose_batch(bdims, x, dim0, dim1):
+    bdim = bdims[0]
+    rank = x.dim() - 1
+    dim0, dim1 = wrap_dim(dim0, rank), wrap_dim(dim1, rank)
+    if rank == 0:
+        return x.alias(), bdim
+    return x.transpose(_phys(dim0, bdim), _phys(dim1, bdim)), bdim
+
+
+@register_batching(aten.t.default)
+def t_batch(bdims, x):
+    bdim = bdims[0]
+    rank = x.dim() - 1
+    if rank > 2:
+        raise RuntimeError(f"t() expects a tensor with <= 2 dimensions, but self is {rank}D")
+    return (x.alias() if rank < 2 else x.transpose(_phys(0, bdim), _phys(1, bdim))), bdim
+
+
+# -- expand / squeeze / unsqueeze ---------------------------------------------
+
+
+@register_batching(aten.expand.default)
+def expand_batch(bdims, x, size, *, implicit=False):
+    rank = x.dim() - 1
+    if len(size) < rank:
+        raise RuntimeError(
+            f"expand: the number of sizes provided ({len(size)}) must be greater or equal to the "
+            f"number of dimensions in the tensor ({rank})"
+        )
+    x = front_padded(x, bdims[0], len(size))
+    return x.expand((x.shape[0],) + tuple(size)), 0
+
+
+@register_batching(aten.squeeze.default, aten.squeeze.dim, *overloads(aten.squeeze, "dims"))
+def squeeze_batch(op, bdims, x, dim=None):
+    bdim = bdims[0]
+    rank = x.dim() - 1
+    if dim is None:
+        logical = range(rank)
+    elif isinstance(dim, int):
+        logical = [wrap_dim(dim, rank)]
+    else:
+        logical = [wrap_dim(d, rank) for d in dim]
+    # Never squeeze the batch dim, even when the batch size is 1.
+    physical = [_phys(d, bdim) for d in logical if rank > 0 and x.shape[_phys(d, bdim)] == 1]
+    return aten.squeeze.dims(x, physical), bdim - sum(1 for d in physical if d < bdim)
+
+
+@register_batching(aten.unsqueeze.default)
+def unsqueeze_batch(bdims, x, dim):
+    bdim = bdims[0]
+    d = wrap_dim(dim, x.dim())  # logical rank + 1 dims after unsqueezing
+    phys = d if d < bdim else d + 1
+    return x.unsqueeze(phys), (bdim + 1 if phys <= bdim else bdim)
+
+
+# -- slicing and selecting ----------------------------------------------------
+
+
+@register_batching(aten.slice.Tensor)
+def slice_batch(bdims, x, dim=0, start=None, end=None, step=1):
+    bdim = bdims[0]
+    return aten.slice.Tensor(x, _phys(wrap_dim(dim, x.dim() - 1), bdim), start, end, step), bdim
+
+
+@register_batching(aten.select.int)
+def select_batch(bdims, x, dim, index):
+    bdim = bdims[0]
+    d = _phys(wrap_dim(dim, x.dim() - 1), bdim)
+    return x.select(d, index), _after_removing(d, bdim)
+
+
+@register_batching(aten.narrow.default)
+def narrow_batch(bdims, x, dim, start, length):
+    bdim = bdims[0]
+    return x.narrow(_phys(wrap_dim(dim, x.dim() - 1), bdim), start, length), bdim
+
+
+@register_batching(*overloads(aten.narrow, "Tensor"))
+def narrow_tensor_start_batch(bdims, x, dim, start, length):
+    """narrow with a 0-dim tensor start, which may differ per example: a
+    gather of `length` consecutive positions from each example's start."""
+    x_bdim, start_bdim = bdims[0], bdims[1]
+    if start_bdim is None:
+        if x_bdim is None:
+            return x.narrow(dim, start, length), None
+        return x.narrow(_phys(wrap_dim(dim, x.dim() - 1), x_bdim), start, length), x_bdim
+    batch = start.shape[start_bdim]
+    x = materialize(x, x_bdim, batch)
+    rank = x.dim() - 1
+    d = wrap_dim(dim, rank) + 1
+    size = x.shape[d]
+    start = move_bdim_to_front(start, start_bdim)
+    start = torch.where(start < 0, start + size, start)
+    # index[b, k] = start[b] + k, broadcast over the other dims of x
+    positions = start.view(-1, 1) + torch.arange(length, device=start.device)  # [B, length]
+    index = positions.view([batch] + [1] * (d - 1) + [length] + [1] * (rank - d))
+    expanded = list(x.shape)
+    expanded[d] = length
+    return torch.gather(x, d, index.expand(expanded)), 0
+
+
+@register_batching(
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    *overloads(aten.unsafe_split, "Tensor"),
+    *overloads(aten.unsafe_split_with_sizes, "default"),
+)
+def split_batch(op, bdims, x, split, dim=0):
+    bdim = bdims[0]
+    return list(op(x, split, _phys(wrap_dim(dim, x.dim() - 1), bdim))), bdim
+
+
+@register_batching(aten.unbind.int)
+def unbind_batch(bdims, x, dim=0):
+    bdim = bdims[0]
+    d = _phys(wrap_dim(dim, x.dim() - 1), bdim)
+    return list(x.unbind(d)), _after_removing(d, bdim)
+
+
+@register_batching(aten.diagonal.default)
+def diagonal_batch(bdims, x, offset=0, dim1=0, dim2=1):
+    bdim = bdims[0]
+    rank = x.dim() - 1
+    d1, d2 = _phys(wrap_dim(dim1, rank), bdim), _phys(wrap_dim(dim2, rank), bdim)
+    return x.diagonal(offset, d1, d2), bdim - (d1 < bdim) - (d2 < bdim)
+
+
+@register_batching(aten.unfold.default)
+def unfold_batch(bdims, x, dimension, size, step):
+    bdim = bdims[0]
+    return x.unfold(_phys(wrap_dim(dimension, x.dim() - 1), bdim), size, step), bdim
+
+
+@register_batching(aten.as_strided.default)
+def as_strided_batch(bdims, x, size, stride, storage_offset=None):
+    """Each example is addressed relative to where its own elements start:
+    a tracer reports storage offset 0, so logical offsets are relative."""
+    x = move_bdim_to_front(x, bdims[0])
+    offset = x.storage_offset() + (storage_offset or 0)
+    return x.as_strided((x.shape[0],) + tuple(size), (x.stride(0),) + tuple(stride), offset), 0
+
+
+# -- aliases ------------------------------------------------------------------
+
+
+@register_batching(
+    aten.alias.default,
+    aten.detach.default,
+    *overloads(aten.conj, "default"),
+    *overloads(aten._conj, "default"),
+    *overloads(aten._neg_view, "default"),
+    *overloads(aten.resolve_conj, "default"),
+    *overloads(aten.resolve_neg, "default"),
+    *overloads(aten.real, "default"),
+    *overloads(aten.imag, "default"),
+    *overloads(aten.lift_fresh, "default"),
+    *overloads(aten._conj_physical, "default"),
+)
+def alias_batch(op, bdims, x):
+    return op(x), bdims[0]
+
+
+@register_batching(*overloads(aten.view_as_real, "default"), *overloads(aten.view_as_complex, "default"))
+def view_as_real_complex_batch(op, bdims, x):
+    bdim = bdims[0]
+    if bdim == x.dim() - 1:  # the last dim is reinterpreted: keep the batch out of it
+        x, bdim = move_bdim_to_front(x, bdim), 0
+    return op(x), bdim
+
+
+# -- joining ------------------------------------------------------------------
+
+
+def _is_legacy_empty(t, bdim) -> bool:
+    if bdim is None:
+        return t.dim() == 1 and t.shape[0] == 0
+    return t.dim() == 2 and t.shape[1 - bdim] == 0
+
+
+@register_batching(aten.cat.default)
+def cat_batch(bdims, tensors, dim=0):
+    tensor_bdims = bdims[0]
+    batch = next(t.shape[b] for t, b in zip(tensors, tensor_bdims) if b is not None)
+    # Legacy behaviour: cat skips 1-D empty tensors whatever the other shapes.
+    parts = [materialize(t, b, batch) for t, b in zip(tensors, tensor_bdims) if not _is_legacy_empty(t, b)]
+    if not parts:
+        return materialize(tensors[0], tensor_bdims[0], batch), 0
+    rank = max(p.dim() - 1 for p in parts)
+    return torch.cat(parts, wrap_dim(dim, rank) + 1), 0
+
+
+@register_batching(aten.stack.default)
+def stack_batch(bdims, tensors, dim=0):
+    tensor_bdims = bdims[0]
+    batch = next(t.shape[b] for t, b in zip(tensors, tensor_bdims) if b is not None)
+    parts = [materialize(t, b, batch) for t, b in zip(tensors, tensor_bdims)]
+    return torch.stack(parts, wrap_dim(dim, parts[0].dim()) + 1), 0
+
+
+@register_batching(aten.repeat.default)
+def repeat_batch(bdims, x, repeats):
+    rank = x.dim() - 1
+    if len(repeats) < rank:
+        raise RuntimeError(
+            "Number of dimensions of repeat dims can not be smaller than number of dimensions of tensor"
+        )
+    x = front_padded(x, bdims[0], len(repeats))
+    return x.repeat((1,) + tuple(repeats)), 0
+
+
+@register_batching(aten.flip.default)
+def flip_batch(bdims, x, dims):
+    bdim = bdims[0]
+    rank = x.dim() - 1
+    return x.flip([_phys(wrap_dim(d, rank), bdim) for d in dims]), bdim
+
+
+@register_batching(aten.roll.default)
+def roll_batch(bdims, x, shifts, dims=()):
+    bdim = bdims[0]
+    rank = x.dim() - 1
+    if len(dims) == 0:  # roll the flattened tensor
+        x = move_bdim_to_front(x, bdim)
+        return x.flatten(1).roll(shifts, 1).view(x.shape), 0
+    return x.roll(shifts, [_phys(wrap_dim(d, rank), bdim) for d in dims]), bdim
+
+
+@register_batching(aten.rot90.default)
+def rot90_batch(bdims, x, k=1, dims=(0, 1)):
+    bdim = bdims[0]
+    rank = x.dim() - 1
+    return x.rot90(k, [_phys(wrap_dim(d, rank), bdim) for d in dims]), bdim
+
+
+@register_batching(aten.tril.default, aten.triu.default)
+def tril_triu_batch(op, bdims, x, diagonal=0):
+    # Both act on the last two dims: keep the batch in front of them.
+    return op(move_bdim_to_front(x, bdims[0]), diagonal), 0
+
+
+# -- `*_copy` variants: the view rule, then a copy --------------------------
+
+
+def _copy_of_view(op, bdims, *args, view_rule, **kwargs):
+    out, bdim = view_rule(bdims, *args, **kwargs)
+    if isinstance(out, list):
+        return [o.clone() for o in out], bdim
+    return out.clone(), bdim
+
+
+def _register_copy_variants():
+    for copy_name, view_name in [
+        ("view_copy", "view"), ("permute_copy", "permute"), ("transpose_copy", "transpose"),
+        ("t_copy", "t"), ("expand_copy", "expand"), ("squeeze_copy", "squeeze"),
+        ("unsqueeze_copy", "unsqueeze"), ("slice_copy", "slice"), ("select_copy", "select"),
+        ("narrow_copy", "narrow"), ("split_copy", "split"), ("split_with_sizes_copy", "split_with_sizes"),
+        ("unbind_copy", "unbind"), ("diagonal_copy", "diagonal"), ("as_strided_copy", "as_strided"),
+        ("alias_copy", "alias"), ("detach_copy", "detach"), ("view_as_real_copy", "view_as_real"),
+        ("view_as_complex_copy", "view_as_complex"), ("unfold_copy", "unfold"),
+    ]:
+        copy_packet, view_packet = getattr(aten, copy_name, None), getattr(aten, view_name, None)
+        if copy_packet is None or view_packet is None:
+            continue
+        for name in copy_packet.overloads():
+            view_op = getattr(view_packet, name, None) if name in view_packet.overloads() else None
+            if view_op is not None and view_op in BATCH_RULES:
+                register_batching_each([getattr(copy_packet, name)], _copy_of_view, view_rule=BATCH_RULES[view_op])
+
+
+_register_copy_variants()
