@@ -302,6 +302,18 @@ class VmapInterpreter(Interpreter):
         )
 
 
+def current_vmap() -> VmapInterpreter:
+    """The vmap interpreter whose rule is running.
+
+    Valid inside the rules of random ops and the fallbacks (they run with
+    the ceiling set to the level below, see NOTE [Ceiling])."""
+    state = STATE
+    interp = state.stack[state.ceiling] if state.ceiling is not None else None
+    if not isinstance(interp, VmapInterpreter):
+        raise RuntimeError("current_vmap() called outside a vmap random-op rule")
+    return interp
+
+
 class _nullcontext:
     __slots__ = ()
 
