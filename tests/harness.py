@@ -146,6 +146,24 @@ def check_vmap_sampled(
         assert_close(actual, expected, rtol=rtol, atol=atol, msg=f"{name} nested in_dims={tuple(outer_dims)}")
 
 
+def check_autograd_through_vmap(fn, args, in_dims, *, double=False, msg=""):
+    """Outputs of vmap(fn) stay differentiable by torch.autograd: gradients
+    of a loss on them equal those through the Python loop."""
+
+    def grads(compute):
+        leaves = [
+            (a.double() if double else a.clone()).requires_grad_() if a.is_floating_point() else a for a in args
+        ]
+        out = compute(*leaves)
+        wanted = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+        return out, torch.autograd.grad(out.square().sum(), wanted, allow_unused=True)
+
+    with no_fallback():
+        actual = grads(torchxform.vmap(fn, in_dims))
+    expected = grads(lambda *xs: loop_reference(fn, xs, in_dims))
+    assert_close(actual, expected, msg=msg)
+
+
 @contextlib.contextmanager
 def no_fallback():
     """Inside, any slow-loop fallback raises instead of warning."""
@@ -157,4 +175,12 @@ def no_fallback():
         yield
 
 
-__all__ = ["assert_close", "loop_reference", "check_vmap", "check_vmap_sampled", "no_fallback", "TOLERANCES"]
+__all__ = [
+    "assert_close",
+    "loop_reference",
+    "check_vmap",
+    "check_vmap_sampled",
+    "check_autograd_through_vmap",
+    "no_fallback",
+    "TOLERANCES",
+]

@@ -11,10 +11,11 @@ Ops reach ``bind`` two ways:
 
 NOTE [Autograd inside rules]
 ``__torch_dispatch__`` handlers run below autograd: PyTorch excludes the
-autograd dispatch keys while they run.  Outputs must stay differentiable by
-ordinary torch.autograd when the user's plain inputs require grad, so an
-interpreter runs a rule with the autograd keys re-enabled whenever one of
-the plain tensors it handles requires grad (:func:`autograd_enabled`).  At
+autograd dispatch keys while they run (and the lazy conj/neg view keys).
+Outputs must stay differentiable by ordinary torch.autograd when the user's
+plain inputs require grad, so an interpreter runs a rule with those keys
+re-enabled whenever one of the plain tensors it handles requires grad or is
+a lazy conj/neg view (:func:`dispatch_keys_restored`).  At
 user level nothing needs doing: autograd has already recorded the op before
 the mode saw it, and ``bind`` runs plain ops below autograd there, so
 nothing is recorded twice.
@@ -88,6 +89,11 @@ def bind(op, args, kwargs):
         if n and n > top_level:
             top = state.stack[n - 1]
     if top is None:
+        state = STATE
+        if state.ceiling is None and state.stack:
+            innermost = state.stack[-1]
+            if innermost.claims_untracked:
+                return innermost.process(op, args, kwargs)
         return op(*args, **kwargs)
     if not top.alive:
         args, kwargs = _replace_dead_tracers(args, kwargs)
@@ -153,34 +159,47 @@ def exit_mode(token) -> None:
 
 
 # --------------------------------------------------------------------------
-# Re-enabling autograd inside rules.  See NOTE [Autograd inside rules].
+# Restoring, inside rules, the dispatch keys a handler runs without.  See
+# NOTE [Autograd inside rules].
 # --------------------------------------------------------------------------
 
-_AUTOGRAD_GUARDS: dict = {}
+# Excluded while a __torch_dispatch__ handler runs, but needed by rules:
+# autograd (interop with torch.autograd) and the lazy conjugate/negative
+# views' fallbacks (a kernel must not read a conj()/neg() view raw).
+_RESTORED_KEYS = (_DK.AutogradFunctionality, _DK.ADInplaceOrView, _DK.AutogradOther, _DK.Conjugate, _DK.Negative)
+_GUARD_SETS: dict = {}
 
 
-def autograd_enabled():
-    """A guard that re-enables the autograd dispatch keys excluded while a
-    ``__torch_dispatch__`` handler runs."""
+def dispatch_keys_restored():
+    """A guard that re-enables, for a rule, the dispatch keys excluded while
+    a ``__torch_dispatch__`` handler runs (see ``needs_dispatch_keys``)."""
     include = _C._dispatch_tls_local_include_set()
     exclude = _C._dispatch_tls_local_exclude_set()
     key = (include.raw_repr(), exclude.raw_repr())
-    sets = _AUTOGRAD_GUARDS.get(key)
+    sets = _GUARD_SETS.get(key)
     if sets is None:
-        enabled = exclude.remove(_DK.AutogradFunctionality).remove(_DK.ADInplaceOrView)
-        enabled = enabled.remove(_DK.AutogradOther)
-        sets = _AUTOGRAD_GUARDS[key] = (include, enabled)
+        restored = exclude
+        for k in _RESTORED_KEYS:
+            restored = restored.remove(k)
+        sets = _GUARD_SETS[key] = (include, restored)
     return _C._ForceDispatchKeyGuard(*sets)
 
 
-def any_requires_grad(values) -> bool:
-    """Whether any plain tensor among ``values`` (or inside a list) requires grad."""
+def _needs_keys(v) -> bool:
+    return isinstance(v, torch.Tensor) and (
+        (v.requires_grad and not isinstance(v, Tracer)) or v.is_conj() or v.is_neg()
+    )
+
+
+def needs_dispatch_keys(values) -> bool:
+    """Whether a rule over ``values`` (or inside a list among them) must run
+    under :func:`dispatch_keys_restored`: a plain tensor requires grad, or a
+    tensor is a lazy conjugate/negative view."""
     for v in values:
-        if isinstance(v, torch.Tensor):
-            if v.requires_grad and not isinstance(v, Tracer):
-                return True
-        elif type(v) is list or type(v) is tuple:
+        if type(v) is list or type(v) is tuple:
             for w in v:
-                if isinstance(w, torch.Tensor) and w.requires_grad and not isinstance(w, Tracer):
+                if _needs_keys(w):
                     return True
+        elif _needs_keys(v):
+            return True
     return False

@@ -41,12 +41,18 @@ class Interpreter:
     their plain values (see ``Tracer._dead_value``).
     """
 
-    __slots__ = ("level", "alive", "__weakref__")
+    __slots__ = ("level", "alive", "_decomposing", "__weakref__")
     name = "transform"
+    # Whether ops at user level that involve no tracer at all (factories,
+    # ops on captured plain tensors) belong to this interpreter when it is
+    # the innermost one: true for autograd-style transforms, whose tensors
+    # created inside the function live at their level.
+    claims_untracked = False
 
     def __init__(self) -> None:
         self.level = 0
         self.alive = False
+        self._decomposing: set = set()
 
     def process(self, op, args, kwargs):
         """Run ATen ``op`` whose highest-level tracer argument belongs to self.
@@ -55,6 +61,29 @@ class Interpreter:
         interpreter's tracers, tracers of lower levels and plain values.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement process()")
+
+    def decompose(self, op, args, kwargs):
+        """Run ``op``'s decomposition on this level's own tracers (so its ops
+        bind here again), or return NotImplemented if it has none (or is
+        already being decomposed: a decomposition that calls its own op)."""
+        from .dispatch import dispatch_keys_restored, needs_dispatch_keys
+        from .registry import decomposition
+
+        decomp = decomposition(op)
+        if decomp is None or op in self._decomposing:
+            return NotImplemented
+        state = STATE
+        saved_ceiling = state.ceiling
+        state.ceiling = self.level  # its random ops belong to this level: see NOTE [Ceiling]
+        self._decomposing.add(op)
+        try:
+            if needs_dispatch_keys(args):
+                with dispatch_keys_restored():
+                    return decomp(*args, **kwargs)
+            return decomp(*args, **kwargs)
+        finally:
+            self._decomposing.discard(op)
+            state.ceiling = saved_ceiling
 
     def __repr__(self) -> str:
         state = "alive" if self.alive else "dead"

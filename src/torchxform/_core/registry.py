@@ -7,10 +7,21 @@ lookup and the coverage listing.
 
 Batching rules have the signature ``rule(bdims, *args, **kwargs) ->
 (out, out_bdims)``: ``args`` are the op's positional arguments with this
-level's tracers replaced by their physical values, ``bdims`` a tuple with
+level's tracers replaced by their physical values, ``bdims`` a list with
 one entry per positional argument (the batch dim, or None for unbatched and
 non-tensor arguments; for a ``Tensor[]`` argument, a tuple of entries), and
 ``out_bdims`` mirrors the output structure.
+
+VJP rules are called at backward time with keyword arguments chosen by the
+rule's own signature (so only what it names is saved for backward, as
+derivatives.yaml does): ``grad`` (the output's cotangent; a tuple for ops
+with several outputs, None where an output got none), any of the op's
+schema argument names (their forward values), ``result`` (the forward
+output(s)), ``needs`` (per positional argument: is its gradient wanted),
+``inputs_meta`` (per positional argument: ``(shape, dtype, device)`` of a
+tensor, a tuple of those for a ``Tensor[]``, else None) and ``op``.  A VJP rule returns one entry per positional argument of the op (a
+list for a ``Tensor[]`` argument; None for no gradient; a shorter tuple
+means None for the rest).
 """
 
 from __future__ import annotations
@@ -23,6 +34,18 @@ from torch._ops import OpOverload, OpOverloadPacket
 
 # op -> batching rule.  See the module docstring for the signature.
 BATCH_RULES: dict[OpOverload, Callable] = {}
+
+# op -> VJP rule.  See the module docstring for the signature.
+VJP_RULES: dict[OpOverload, Callable] = {}
+
+# Ops whose outputs carry no derivative even for floating inputs
+# (detach, sign, floor, ...): no VJP needed, the outputs are constants.
+NONDIFFERENTIABLE: set[OpOverload] = set()
+
+# Ops whose batching rule also accepts batched keyword-only tensors: it is
+# then called with ``kwarg_bdims={name: bdim}`` for the batched ones
+# (otherwise a batched keyword argument sends the op to the fallback).
+KWARG_BATCH_RULES: set[OpOverload] = set()
 
 # Ops whose rule raises on purpose (dynamic shapes, data-dependent values):
 # reported as such by the coverage listing.
@@ -55,12 +78,14 @@ def _overloads(ops) -> Iterable[OpOverload]:
         yield op
 
 
-def register_batching(*ops: OpOverload, error: bool = False):
+def register_batching(*ops: OpOverload, error: bool = False, batched_kwargs: bool = False):
     """Decorator: register ``rule`` as the batching rule of each op in ``ops``.
 
     The rule receives the op as first argument when it is registered for
     several ops (``functools.partial``), so one generic rule serves a family.
-    ``error=True`` marks rules that exist only to raise a clear error.
+    ``error=True`` marks rules that exist only to raise a clear error;
+    ``batched_kwargs=True`` rules that handle batched keyword-only tensors
+    (see ``KWARG_BATCH_RULES``).
     """
 
     def decorator(rule: Callable) -> Callable:
@@ -69,6 +94,8 @@ def register_batching(*ops: OpOverload, error: bool = False):
             BATCH_RULES[op] = functools.partial(rule, op) if many else rule
             if error:
                 ERROR_RULES.add(op)
+            if batched_kwargs:
+                KWARG_BATCH_RULES.add(op)
         _changed()
         return rule
 
@@ -79,6 +106,25 @@ def register_batching_each(ops: Iterable[OpOverload], rule: Callable, **options)
     """Register ``functools.partial(rule, op, **options)`` for every op."""
     for op in _overloads(ops):
         BATCH_RULES[op] = functools.partial(rule, op, **options)
+    _changed()
+
+
+def register_vjp(*ops: OpOverload):
+    """Decorator: register ``rule`` as the VJP rule of each op in ``ops``
+    (see the module docstring for the signature)."""
+
+    def decorator(rule: Callable) -> Callable:
+        for op in _overloads(ops):
+            VJP_RULES[op] = rule
+        _changed()
+        return rule
+
+    return decorator
+
+
+def register_nondifferentiable(*ops: OpOverload) -> None:
+    """Mark ops whose outputs have zero derivative everywhere they exist."""
+    NONDIFFERENTIABLE.update(_overloads(ops))
     _changed()
 
 
@@ -140,14 +186,32 @@ def batching_coverage(op: OpOverload) -> str:
     return "loop"
 
 
+def vjp_coverage(op: OpOverload) -> str:
+    """How grad/vjp handle ``op``: 'rule', 'nondifferentiable',
+    'decomposition' or 'missing' (an error if a derivative is needed)."""
+    if op in VJP_RULES:
+        return "rule"
+    if op in NONDIFFERENTIABLE:
+        return "nondifferentiable"
+    if decomposition(op) is not None:
+        return "decomposition"
+    return "missing"
+
+
 def registered_ops() -> list[OpOverload]:
     """Every op that has at least one registered rule, sorted by name."""
-    return sorted(BATCH_RULES, key=str)
+    return sorted(set(BATCH_RULES) | set(VJP_RULES) | NONDIFFERENTIABLE, key=str)
 
 
 __all__ = [
     "BATCH_RULES",
+    "VJP_RULES",
+    "NONDIFFERENTIABLE",
     "ERROR_RULES",
+    "KWARG_BATCH_RULES",
+    "register_vjp",
+    "register_nondifferentiable",
+    "vjp_coverage",
     "register_batching",
     "on_rules_changed",
     "register_batching_each",

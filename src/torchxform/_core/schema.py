@@ -25,3 +25,26 @@ def is_out_variant(op) -> bool:
             a.kwarg_only and a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments
         )
     return flag
+
+
+_METADATA_INPLACE: dict = {}
+
+
+def metadata_inplace_counterpart(op):
+    """For an in-place op that changes its input's shape or strides rather
+    than its values (``squeeze_``, ``unsqueeze_``, ``t_``, ``transpose_``,
+    ``as_strided_``), the out-of-place view op computing the new view; else None."""
+    try:
+        return _METADATA_INPLACE[id(op)]
+    except KeyError:
+        pass
+    import torch
+
+    name = op._schema.name.split("::")[-1]
+    counterpart = None
+    if name in ("squeeze_", "unsqueeze_", "t_", "transpose_", "as_strided_", "swapaxes_", "swapdims_"):
+        packet = getattr(torch.ops.aten, name[:-1])
+        overload = op._overloadname
+        counterpart = getattr(packet, overload) if overload in packet.overloads() else None
+    _METADATA_INPLACE[id(op)] = counterpart
+    return counterpart

@@ -54,8 +54,103 @@ class Tracer(torch.Tensor):
     def __str__(self) -> str:
         return self.__repr__()
 
+    # NOTE [0-dim integer tracer as an index]
+    # Python indexing turns a 0-dim integer tensor index into a Python int
+    # (calling .item()) unless it is one of PyTorch's own batched tensors.
+    # A tracer may hold one integer per batch element, so it must stay a
+    # tensor index: it is passed as a [1] index tensor, and when it was the
+    # only kind of advanced index, the size-1 dim that produces is removed.
+
+    def __getitem__(self, index):
+        index, extra_dim = _tensor_index(self, index)
+        out = torch.Tensor.__getitem__(self, index)
+        return out if extra_dim is None else out.squeeze(extra_dim)
+
+    def __setitem__(self, index, value):
+        index, extra_dim = _tensor_index(self, index)
+        if extra_dim is not None and isinstance(value, torch.Tensor) and value.dim() > 0:
+            region_rank = torch.Tensor.__getitem__(self, index).dim()
+            position = extra_dim - (region_rank - value.dim() - 1)
+            if position >= 0:
+                value = value.unsqueeze(position)
+        torch.Tensor.__setitem__(self, index, value)
+
     def __reduce_ex__(self, protocol):
         raise RuntimeError(
             f"{type(self).__name__} is a transform's internal value and cannot be "
             "pickled or deep-copied; return it from the transformed function instead."
         )
+
+
+def apply_metadata_op(op, args, kwargs) -> None:
+    """Run in-place metadata op ``op`` (``squeeze_``, ``t_``, ...) on the
+    tracer ``args[0]`` itself: its meta kernel, without dispatch, gives the
+    wrapper its new sizes and strides (as
+    torch.utils._python_dispatch.return_and_correct_aliasing does), so C++
+    callers holding the tensor see the change too.  The transform then sets
+    the tracer's payload."""
+    from torch.utils._mode_utils import no_dispatch
+
+    with no_dispatch():
+        meta_in_tls = torch._C._meta_in_tls_dispatch_include()
+        torch._C._set_meta_in_tls_dispatch_include(True)
+        try:
+            op(*args, **kwargs)
+        finally:
+            torch._C._set_meta_in_tls_dispatch_include(meta_in_tls)
+
+
+def _is_integer_scalar_tracer(item) -> bool:
+    return (
+        isinstance(item, Tracer)
+        and item.dim() == 0
+        and not item.dtype.is_floating_point
+        and not item.dtype.is_complex
+        and item.dtype is not torch.bool
+    )
+
+
+def _tensor_index(tensor, index):
+    """See NOTE [0-dim integer tracer as an index].  Returns the index to use
+    and the dim of the result to squeeze (or None)."""
+    items = index if type(index) is tuple else (index,)
+    if not any(_is_integer_scalar_tracer(i) for i in items):
+        return index, None
+    converted = []
+    advanced = []  # positions of tensor indices in `items`
+    other_advanced = False
+    for k, item in enumerate(items):
+        if _is_integer_scalar_tracer(item):
+            converted.append(item.unsqueeze(0))
+            advanced.append(k)
+            continue
+        if isinstance(item, torch.Tensor):
+            if item.dim() > 0 or item.dtype is torch.bool:
+                other_advanced = True
+                advanced.append(k)
+        elif isinstance(item, (list, range)):
+            other_advanced = True
+            advanced.append(k)
+        converted.append(item)
+    converted = tuple(converted)
+    if other_advanced:  # the [1] index broadcasts into the others' shape: no extra dim
+        return converted, None
+
+    def result_dims(item):
+        """Dims of the result produced by a basic index item."""
+        if item is None or item is True or item is False or isinstance(item, slice):
+            return 1
+        if item is Ellipsis:
+            specified = sum(
+                1 for i in items if i is not None and i is not Ellipsis and i is not True and i is not False
+            )
+            return tensor.dim() - specified
+        return 0  # an int, or a 0-dim integer tensor used as an int
+
+    # PyTorch applies int indices first (removing their dims), so the tensor
+    # indices are adjacent unless a slice, None or Ellipsis separates them.
+    first, last = advanced[0], advanced[-1]
+    separated = any(result_dims(items[k]) != 0 or items[k] is Ellipsis for k in range(first, last) if k not in advanced)
+    if separated:
+        return converted, 0
+    return converted, sum(result_dims(items[k]) for k in range(first))

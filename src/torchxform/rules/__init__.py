@@ -1,3 +1,17 @@
 """Rules, one module per op family.  Importing this package registers them."""
 
-from . import creation, data_dependent, elementwise, indexing, linalg, nn, random, reduction, view  # noqa: F401
+from . import (  # noqa: F401
+    conv,
+    creation,
+    data_dependent,
+    elementwise,
+    indexing,
+    linalg,
+    loss,
+    nn,
+    norm,
+    pooling,
+    random,
+    reduction,
+    view,
+)

@@ -73,3 +73,70 @@ def batch_size(args, bdims) -> int:
         return x.shape[bdim]
     raise AssertionError("batching rule called without a batched argument")
 
+
+
+# --------------------------------------------------------------------------
+# NOTE [Errors as eager raises them]
+# Physical ops see physical shapes: a logical vector batched is a matrix, and
+# a failing op reports physical dims and sizes.  Where a rule finds the
+# logical arguments invalid, or the physical op raises, it replays the op on
+# the first example alone: if that raises, its error is eager's own (type
+# and message) and is raised instead.  If the first example goes through,
+# the physical error stands (e.g. a later example is singular).  Nothing of
+# this runs on the path that succeeds.
+# --------------------------------------------------------------------------
+
+
+class InvalidArguments(Exception):
+    """Raised inside a rule: the logical arguments are invalid for the op
+    (``with_eager_errors`` then reports eager's error)."""
+
+
+def _first_example(value, bdim):
+    if bdim is None:
+        return value
+    if type(bdim) is tuple:
+        return [_first_example(v, b) for v, b in zip(value, bdim)]
+    return value.select(bdim, 0)
+
+
+def _has_examples(args, bdims) -> bool:
+    for a, b in zip(args, bdims):
+        if type(b) is int and a.shape[b] == 0:
+            return False
+        if type(b) is tuple and not _has_examples(a, b):
+            return False
+    return True
+
+
+def raise_as_eager(op, bdims, args, kwargs=None, error=None):
+    """Raise what eager ``op`` raises for the first example of ``args``;
+    if that example goes through, raise ``error`` (the batched call's own),
+    or a generic error.  See NOTE [Errors as eager raises them]."""
+    from .._core.schema import mutates_self
+
+    if _has_examples(args, bdims):
+        example = [_first_example(a, b) for a, b in zip(args, bdims)]
+        if mutates_self(op) and isinstance(example[0], torch.Tensor):
+            example[0] = example[0].clone()  # the replay must not write into the batch
+        try:
+            op(*example, **(kwargs or {}))
+        except Exception as eager_error:
+            raise eager_error from None
+    if error is not None and not isinstance(error, InvalidArguments):
+        raise error
+    raise RuntimeError(f"vmap: {op} got arguments whose logical shapes it does not accept")
+
+
+def with_eager_errors(rule, **options):
+    """``rule(op, bdims, *args, **options, **kwargs)``, raising eager's
+    errors.  See NOTE [Errors as eager raises them]."""
+
+    def checked(op, bdims, *args, **kwargs):
+        try:
+            return rule(op, bdims, *args, **options, **kwargs)
+        except Exception as error:
+            raise_as_eager(op, bdims, args, kwargs, error)
+
+    checked.__wrapped__ = rule
+    return checked

@@ -56,3 +56,10 @@ def _dynamic_shape_batch(op, bdims, *args, **kwargs):
 
 register_batching_each(_DYNAMIC_SHAPE_OPS, _dynamic_shape_batch)
 ERROR_RULES.update(_DYNAMIC_SHAPE_OPS)
+
+
+@register_batching(*overloads(aten._assert_async, "default", "msg"))
+def assert_async_batch(op, bdims, x, *msg):
+    """An assertion on a batched value holds when it holds for every example."""
+    op(x.all(), *msg)
+    return None, None

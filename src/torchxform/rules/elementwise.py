@@ -5,9 +5,19 @@ promotion.  One generic batching rule serves every op tagged
 
 from __future__ import annotations
 
+import inspect
+import math
+from typing import Callable
+
 import torch
 
-from .._core.registry import overloads, register_batching, register_batching_each
+from .._core.registry import (
+    overloads,
+    register_batching,
+    register_batching_each,
+    register_nondifferentiable,
+    register_vjp,
+)
 from .._core.schema import is_out_variant, mutates_self
 from ._batching import front_padded, move_bdim_to_front
 
@@ -276,3 +286,361 @@ def fill_tensor_batch(op, bdims, x, value):
     logical_shape = tuple(move_bdim_to_front(x, bdims[0]).shape[1:]) if bdims[0] is not None else tuple(x.shape)
     value = move_bdim_to_front(value, bdims[1])
     return value.view((-1,) + (1,) * len(logical_shape)).expand((value.shape[0],) + logical_shape).clone(), 0
+
+
+# ==========================================================================
+# Derivatives.  An elementwise op's derivative is its partial derivatives
+# with respect to each input, written once per op (from derivatives.yaml):
+# the VJP multiplies the cotangent by each partial (conjugated for complex)
+# and sums away broadcast dims; the JVP sums tangent times partial.
+# ==========================================================================
+
+
+def reduce_to(grad, meta):
+    """``grad`` summed over the dims its input was broadcast along, in the
+    input's dtype and device (``meta`` is ``(shape, dtype, device)``)."""
+    shape, dtype, device = meta
+    if grad.shape != shape:
+        grad = grad.sum_to_size(shape)
+    if grad.dtype != dtype:
+        grad = grad.real if grad.is_complex() and not dtype.is_complex else grad.to(dtype)
+    if grad.device != device:
+        grad = grad.to(device)
+    return grad
+
+
+def elementwise_vjp(partials: Callable, *, conjugate: bool = True) -> Callable:
+    """The VJP rule of an elementwise op from its ``partials`` function.
+
+    ``partials`` names the values it needs (schema argument names and/or
+    ``result``) and returns one partial derivative per positional argument
+    (a tensor or Python number; None: no derivative).  The rule's signature
+    is partials' plus ``grad``, ``needs`` and ``inputs_meta``, so the tape
+    saves exactly what the formula uses.
+    """
+
+    def rule(grad, needs, inputs_meta, **saved):
+        grads = []
+        for d, need, meta in zip(partials(**saved), needs, inputs_meta):
+            if d is None or not need or meta is None:
+                grads.append(None)
+                continue
+            if conjugate and isinstance(d, Tensor) and d.is_complex():
+                d = d.conj()
+            grads.append(reduce_to(grad * d, meta))
+        return tuple(grads)
+
+    params = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in ("grad", "needs", "inputs_meta")
+    ] + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(partials).parameters.values()]
+    rule.__signature__ = inspect.Signature(params)
+    rule.__qualname__ = f"elementwise_vjp({partials.__qualname__})"
+    rule.partials = partials  # the JVP derives from the same partials
+    return rule
+
+
+def derivative(ops, partials, *, conjugate: bool = True) -> None:
+    """Register the derivative of elementwise ``ops`` (and their in-place
+    variants, found by name) from ``partials``.  See :func:`elementwise_vjp`."""
+    rule = elementwise_vjp(partials, conjugate=conjugate)
+    targets = []
+    for op in ops:
+        targets.append(op)
+        inplace_packet = getattr(aten, op._schema.name.split("::")[-1] + "_", None)
+        if inplace_packet is not None and op._overloadname in inplace_packet.overloads():
+            targets.append(getattr(inplace_packet, op._overloadname))
+    register_vjp(*targets)(rule)
+
+
+def _mask(condition, like):
+    """A 0/1 tensor of ``like``'s dtype (multiplying by a bool mask would
+    promote integer-valued partials differently)."""
+    return condition.to(like.dtype)
+
+
+_LN2 = math.log(2.0)
+_LN10 = math.log(10.0)
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+# -- arithmetic ---------------------------------------------------------------
+derivative([aten.add.Tensor], lambda alpha=1: (1, alpha))
+derivative([aten.add.Scalar, aten.positive.default, aten.clone.default, aten._to_copy.default], lambda: (1,))
+derivative([aten.sub.Tensor], lambda alpha=1: (1, -alpha))
+derivative([aten.sub.Scalar], lambda: (1,))
+derivative([aten.rsub.Tensor], lambda alpha=1: (-alpha, 1))
+derivative([aten.rsub.Scalar], lambda alpha=1: (-alpha,))
+derivative([aten.neg.default], lambda: (-1,))
+derivative([aten.mul.Tensor], lambda self, other: (other, self))
+derivative([aten.mul.Scalar], lambda other: (other,))
+derivative([aten.div.Tensor], lambda self, other: (other.reciprocal(), -self / (other * other)))
+derivative([aten.div.Scalar], lambda other: (1.0 / other,))
+derivative(
+    [aten.div.Tensor_mode],
+    lambda self, other, rounding_mode=None: (
+        (other.reciprocal(), -self / (other * other)) if rounding_mode is None else (None, None)
+    ),
+)
+derivative([aten.div.Scalar_mode], lambda other, rounding_mode=None: (1.0 / other if rounding_mode is None else None,))
+derivative([aten.square.default], lambda self: (2 * self,))
+derivative(
+    [aten.pow.Tensor_Scalar],
+    lambda self, exponent: (None if exponent == 0 else exponent * self.pow(exponent - 1),),
+)
+derivative(
+    [aten.pow.Tensor_Tensor],
+    lambda self, exponent, result: (
+        torch.where(exponent == 0, 0.0, exponent * self.pow(exponent - 1)),
+        torch.where((self == 0) & (exponent >= 0), 0.0, result * self.log()),
+    ),
+)
+derivative(
+    [aten.pow.Scalar],
+    lambda self, exponent, result: (
+        None,
+        torch.where(exponent >= 0, 0.0, result * math.log(self)) if self == 0 else result * math.log(self),
+    ),
+)
+derivative([aten.reciprocal.default], lambda result: (-result * result,))
+derivative([aten.sqrt.default], lambda result: (0.5 / result,))
+derivative([aten.rsqrt.default], lambda result: (-0.5 * result * result * result,))
+derivative([aten.fmod.Tensor], lambda self, other: (1, -self.div(other, rounding_mode="trunc")))
+derivative([aten.fmod.Scalar, aten.frac.default], lambda: (1,))
+derivative([aten.remainder.Tensor], lambda self, other: (1, -self.div(other, rounding_mode="floor")))
+derivative([aten.remainder.Scalar], lambda: (1,))
+derivative([aten.remainder.Scalar_Tensor], lambda self, other: (None, -torch.div(self, other, rounding_mode="floor")))
+derivative([aten.lerp.Scalar], lambda weight: (1 - weight, weight))
+derivative([aten.lerp.Tensor], lambda self, end, weight: (1 - weight, weight, end - self))
+derivative([aten.addcmul.default], lambda tensor1, tensor2, value=1: (1, value * tensor2, value * tensor1))
+derivative(
+    [aten.addcdiv.default],
+    lambda tensor1, tensor2, value=1: (1, value / tensor2, -value * tensor1 / (tensor2 * tensor2)),
+)
+derivative([aten.hypot.default], lambda self, other, result: (self / result, other / result))
+derivative([aten.atan2.default], lambda self, other: (other / (self * self + other * other), -self / (self * self + other * other)))
+derivative(
+    [aten.copysign.Tensor],
+    lambda self, result: (torch.where(self == 0, 0.0, self.sgn() * result.sgn()), None),
+)
+derivative([aten.copysign.Scalar], lambda self, result: (torch.where(self == 0, 0.0, self.sgn() * result.sgn()),))
+derivative(
+    [aten.xlogy.Tensor],
+    lambda self, other: (torch.where((self == 0) & (other <= 0), 0.0, other.log()), self / other),
+)
+derivative([aten.xlogy.Scalar_Other], lambda self, other: (math.log(other) if other > 0 else torch.where(self == 0, 0.0, math.log(other)),))
+derivative([aten.xlogy.Scalar_Self], lambda self, other: (None, self / other))
+derivative(
+    [aten.special_xlog1py.default],
+    lambda self, other: (torch.where((self == 0) & (other <= -1), 0.0, other.log1p()), self / (other + 1)),
+)
+derivative([aten.logaddexp.default], lambda self, other: ((self - other).sigmoid(), (other - self).sigmoid()))
+derivative(
+    [aten.logaddexp2.default],
+    lambda self, other: (1 / (1 + torch.pow(2, other - self)), 1 / (1 + torch.pow(2, self - other))),
+)
+
+# -- comparisons that select an input ----------------------------------------
+derivative(
+    [aten.maximum.default, aten.max.other],
+    lambda self, other: (
+        torch.where(self == other, 0.5, _mask(self > other, self)),
+        torch.where(self == other, 0.5, _mask(other > self, other)),
+    ),
+)
+derivative(
+    [aten.minimum.default, aten.min.other],
+    lambda self, other: (
+        torch.where(self == other, 0.5, _mask(self < other, self)),
+        torch.where(self == other, 0.5, _mask(other < self, other)),
+    ),
+)
+derivative(
+    [aten.fmax.default],
+    lambda self, other: (_mask((self >= other) | other.isnan(), self), _mask(~((self >= other) | other.isnan()), other)),
+)
+derivative(
+    [aten.fmin.default],
+    lambda self, other: (_mask((self <= other) | other.isnan(), self), _mask(~((self <= other) | other.isnan()), other)),
+)
+
+
+def _clamp_partials(self, min=None, max=None):
+    inside = torch.ones_like(self, dtype=torch.bool)
+    if min is not None:
+        inside = inside & (self >= min)
+    if max is not None:
+        inside = inside & (self <= max)
+    d_self = _mask(inside, self)
+    if not isinstance(min, Tensor) and not isinstance(max, Tensor):
+        return (d_self, None, None)
+    # clamp(x, lo, hi) = min(max(x, lo), hi): lo wins below it unless it
+    # exceeds hi, hi wins above it (and wherever lo > hi).
+    d_min = d_max = None
+    if isinstance(min, Tensor):
+        below = self < min
+        if max is not None:
+            below = below & (min <= max)
+        d_min = _mask(below, min)
+    if isinstance(max, Tensor):
+        above = self > max
+        if min is not None:
+            above = above | (min > max)
+        d_max = _mask(above, max)
+    return (d_self, d_min, d_max)
+
+
+derivative([aten.clamp.default, aten.clamp.Tensor], _clamp_partials)
+derivative([aten.clamp_min.default], lambda self, min: (_mask(self >= min, self),))
+derivative([aten.clamp_max.default], lambda self, max: (_mask(self <= max, self),))
+derivative([aten.clamp_min.Tensor], lambda self, min: (_mask(self >= min, self), _mask(self < min, min)))
+derivative([aten.clamp_max.Tensor], lambda self, max: (_mask(self <= max, self), _mask(self > max, max)))
+derivative([aten.where.self], lambda condition: (None, condition, ~condition))
+derivative([aten.masked_fill.Scalar], lambda mask: (~mask,))
+derivative([aten.masked_fill.Tensor], lambda mask: (~mask, None, mask))
+derivative([aten.nan_to_num.default], lambda self: (self.isfinite(),))
+
+# -- exponentials, logs, powers -------------------------------------------------
+derivative([aten.exp.default], lambda result: (result,))
+derivative([aten.exp2.default], lambda result: (result * _LN2,))
+derivative([aten.expm1.default], lambda result: (result + 1,))
+derivative([aten.log.default], lambda self: (self.reciprocal(),))
+derivative([aten.log2.default], lambda self: ((self * _LN2).reciprocal(),))
+derivative([aten.log10.default], lambda self: ((self * _LN10).reciprocal(),))
+derivative([aten.log1p.default], lambda self: ((self + 1).reciprocal(),))
+derivative(
+    [aten.logit.default],
+    lambda self, eps=None: (
+        torch.where((self < 0) | (self > 1), math.nan, (self * (1 - self)).reciprocal())
+        if eps is None
+        else torch.where((self < eps) | (self > 1 - eps), 0.0, (self * (1 - self)).reciprocal()),
+    ),
+)
+
+# -- trigonometric and hyperbolic ------------------------------------------------
+derivative([aten.sin.default], lambda self: (self.cos(),))
+derivative([aten.cos.default], lambda self: (-self.sin(),))
+derivative([aten.tan.default], lambda result: (1 + result * result,))
+derivative([aten.asin.default], lambda self: ((1 - self * self).rsqrt(),))
+derivative([aten.acos.default], lambda self: (-(1 - self * self).rsqrt(),))
+derivative([aten.atan.default], lambda self: ((1 + self * self).reciprocal(),))
+derivative([aten.sinh.default], lambda self: (self.cosh(),))
+derivative([aten.cosh.default], lambda self: (self.sinh(),))
+derivative([aten.tanh.default], lambda result: (1 - result * result,))
+derivative([aten.asinh.default], lambda self: ((self * self + 1).rsqrt(),))
+derivative([aten.acosh.default], lambda self: ((self * self - 1).rsqrt(),))
+derivative([aten.atanh.default], lambda self: ((1 - self * self).reciprocal(),))
+derivative([aten.deg2rad.default], lambda: (math.pi / 180,))
+derivative([aten.rad2deg.default], lambda: (180 / math.pi,))
+derivative(
+    [aten.sinc.default],
+    lambda self: (
+        torch.where(
+            self == 0,
+            0.0,
+            ((math.pi * self) * (math.pi * self).cos() - (math.pi * self).sin()) / (math.pi * self * self),
+        ),
+    ),
+)
+
+# -- special functions ----------------------------------------------------------
+derivative([aten.erf.default], lambda self: (_TWO_OVER_SQRT_PI * (-self * self).exp(),))
+derivative([aten.erfc.default], lambda self: (-_TWO_OVER_SQRT_PI * (-self * self).exp(),))
+derivative([aten.erfinv.default], lambda result: (0.5 * math.sqrt(math.pi) * (result * result).exp(),))
+derivative([aten.lgamma.default], lambda self: (self.digamma(),))
+derivative([aten.digamma.default], lambda self: (torch.polygamma(1, self),))
+derivative([aten.polygamma.default], lambda n, self: (None, torch.polygamma(n + 1, self)))
+derivative([aten.mvlgamma.default], lambda self, p: (sum((self - i / 2).digamma() for i in range(p)),))
+derivative([aten.i0.default], lambda self: (torch.special.i1(self),))
+derivative([aten.special_i0e.default], lambda self, result: (torch.special.i1e(self) - self.sgn() * result,))
+derivative([aten.abs.default], lambda self: (self.sgn(),), conjugate=False)
+derivative([aten.sigmoid.default], lambda result: (result * (1 - result),))
+
+# -- activations ------------------------------------------------------------------
+derivative([aten.relu.default], lambda result: (_mask(result > 0, result),))
+derivative([aten.threshold.default], lambda self, threshold: (_mask(self > threshold, self),))
+derivative([aten.leaky_relu.default], lambda self, negative_slope=0.01: (torch.where(self > 0, 1.0, negative_slope),))
+derivative(
+    [aten.hardtanh.default],
+    lambda self, min_val=-1, max_val=1: (_mask((self > min_val) & (self < max_val), self),),
+)
+derivative([aten.hardsigmoid.default], lambda self: (torch.where((self > -3) & (self < 3), 1.0 / 6, 0.0),))
+derivative(
+    [aten.hardswish.default],
+    lambda self: (torch.where(self < -3, 0.0, torch.where(self <= 3, self / 3 + 0.5, 1.0)),),
+)
+derivative([aten.softshrink.default, aten.hardshrink.default], lambda self, lambd=0.5: (_mask(self.abs() > lambd, self),))
+
+
+def _elu_partial(self, alpha, scale, input_scale):
+    return torch.where(self > 0, scale, input_scale * alpha * scale * (self * input_scale).exp())
+
+
+derivative([aten.elu.default], lambda self, alpha=1, scale=1, input_scale=1: (_elu_partial(self, alpha, scale, input_scale),))
+derivative([aten.celu.default], lambda self, alpha=1.0: (_elu_partial(self, alpha, 1, 1.0 / alpha),))
+derivative([aten.selu.default], lambda self: (_elu_partial(self, _SELU_ALPHA, _SELU_SCALE, 1),))
+derivative(
+    [aten.softplus.default],
+    lambda self, beta=1, threshold=20: (torch.where(self * beta > threshold, 1.0, (self * beta).sigmoid()),),
+)
+
+
+def _silu_partial(self):
+    sig = self.sigmoid()
+    return sig * (1 + self * (1 - sig))
+
+
+def _gelu_partial(self, approximate="none"):
+    if approximate == "tanh":
+        k = math.sqrt(2 / math.pi)
+        inner = k * (self + 0.044715 * self * self * self)
+        t = inner.tanh()
+        return 0.5 * (1 + t) + 0.5 * self * (1 - t * t) * k * (1 + 3 * 0.044715 * self * self)
+    cdf = 0.5 * (1 + (self * math.sqrt(0.5)).erf())
+    pdf = (-0.5 * self * self).exp() / math.sqrt(2 * math.pi)
+    return cdf + self * pdf
+
+
+def _mish_partial(self):
+    t = torch.nn.functional.softplus(self).tanh()
+    return t + self * self.sigmoid() * (1 - t * t)
+
+
+derivative([aten.silu.default], lambda self: (_silu_partial(self),))
+derivative([aten.gelu.default], lambda self, approximate="none": (_gelu_partial(self, approximate),))
+derivative([aten.mish.default], lambda self: (_mish_partial(self),))
+
+# -- backward ops (reached when derivatives are taken of derivatives) ----------
+derivative([aten.tanh_backward.default], lambda grad_output, output: (1 - output * output, -2 * grad_output * output))
+derivative(
+    [aten.sigmoid_backward.default],
+    lambda grad_output, output: (output * (1 - output), grad_output * (1 - 2 * output)),
+)
+derivative([aten.threshold_backward.default], lambda self, threshold: (_mask(self > threshold, self), None))
+
+# -- writes ---------------------------------------------------------------------
+derivative([aten.copy_.default], lambda: (None, 1))
+derivative([aten.fill_.Scalar, aten.zero_.default], lambda: (None,))
+derivative([aten.fill_.Tensor], lambda: (None, 1))
+derivative([aten.fill.Tensor], lambda: (None, 1))
+
+register_nondifferentiable(
+    *(
+        op
+        for packet, names in [
+            (aten.sign, ("default",)),
+            (aten.sign_, ("default",)),
+            (aten.ceil, ("default",)),
+            (aten.ceil_, ("default",)),
+            (aten.floor, ("default",)),
+            (aten.floor_, ("default",)),
+            (aten.round, ("default", "decimals")),
+            (aten.round_, ("default", "decimals")),
+            (aten.trunc, ("default",)),
+            (aten.trunc_, ("default",)),
+            (aten.heaviside, ("default",)),
+            (aten.fill, ("Scalar",)),
+        ]
+        for op in overloads(packet, *names)
+    )
+)

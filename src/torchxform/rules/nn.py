@@ -1,1 +1,209 @@
-"""(batching rules for this family are being written)"""
+"""Neural-network ops: padding, resampling (upsampling, pixel/channel
+shuffle, im2col/col2im, grid sampling), PReLU, GLU and attention.
+
+The rest of the family lives next door and is registered by importing it
+here: conv.py (convolution), pooling.py (pooling, and the helpers the family
+shares: see NOTE [Folding the batch into N]), norm.py (normalization) and
+loss.py (losses).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._core.registry import overloads, register_batching
+from ._batching import batch_size, front_padded, logical_rank, move_bdim_to_front, raise_as_eager, wrap_dim
+from .elementwise import broadcast_batched
+from .pooling import _channels_to_front, _fold, _materialize, _unfold, register_fold
+from ..transforms.vmap import RANDOMNESS_ERROR_MESSAGE, current_vmap
+
+aten = torch.ops.aten
+
+
+# -- padding --------------------------------------------------------------------
+
+
+@register_batching(aten.constant_pad_nd.default)
+def constant_pad_batch(bdims, x, pad, value=0):
+    """Pads the trailing len(pad)/2 dims: the batch stays unless among them."""
+    bdim = bdims[0]
+    padded_dims = len(pad) // 2
+    if padded_dims > x.dim() - 1:
+        raise_as_eager(aten.constant_pad_nd.default, bdims, (x, pad, value))
+    if bdim >= x.dim() - padded_dims:
+        x, bdim = move_bdim_to_front(x, bdim), 0
+    return aten.constant_pad_nd.default(x, pad, value), bdim
+
+
+for _k in (1, 2, 3):
+    register_fold([getattr(aten, f"reflection_pad{_k}d").default, getattr(aten, f"replication_pad{_k}d").default], _k)
+
+
+# -- resampling -----------------------------------------------------------------
+
+_UPSAMPLE = {
+    1: ["upsample_nearest1d", "_upsample_nearest_exact1d", "upsample_linear1d"],
+    2: ["upsample_nearest2d", "_upsample_nearest_exact2d", "upsample_bilinear2d", "upsample_bicubic2d",
+        "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa"],
+    3: ["upsample_nearest3d", "_upsample_nearest_exact3d", "upsample_trilinear3d"],
+}
+for _k, _names in _UPSAMPLE.items():
+    # Upsampling takes only [N, C, *spatial]: no form without N.
+    _ops = [op for name in _names for op in overloads(getattr(aten, name), "default", "vec")]
+    register_fold(_ops, _k, without_n=False)
+
+register_fold([aten.im2col.default], 2)  # [N, C, H, W] or [C, H, W] -> [N, C*kh*kw, L]
+register_fold([aten.col2im.default], 1)  # [N, C*kh*kw, L] or [C*kh*kw, L]
+
+
+@register_batching(aten.pixel_shuffle.default, aten.pixel_unshuffle.default)
+def pixel_shuffle_batch(op, bdims, x, factor):
+    """[*, C, H, W] with any leading dims: the batch may stay among them."""
+    bdim = bdims[0]
+    if x.dim() - 1 < 3:
+        raise_as_eager(op, bdims, (x, factor))
+    if bdim >= x.dim() - 3:
+        x, bdim = move_bdim_to_front(x, bdim), 0
+    return op(x, factor), bdim
+
+
+@register_batching(aten.channel_shuffle.default, *overloads(aten.native_channel_shuffle, "default"))
+def channel_shuffle_batch(op, bdims, x, groups):
+    """[N, C, *]: channels must stay at dim 1, so the batch folds into N."""
+    if x.dim() - 1 < 3:
+        raise_as_eager(op, bdims, (x, groups))
+    batch = x.shape[bdims[0]]
+    folded, out_bdim = _fold(x, bdims[0], batch)
+    return _unfold(op(folded, groups), out_bdim, batch), out_bdim
+
+
+@register_batching(aten.grid_sampler_2d.default, aten.grid_sampler_3d.default)
+def grid_sampler_batch(op, bdims, x, grid, *options):
+    """input [N, C, *S], grid [N, *S_out, k].  Only the input batched: the
+    batch joins the channels (each channel is sampled on its own).  Only the
+    grid batched: the batch joins the first output dim (each output point
+    is sampled on its own).  Both: fold into N."""
+    x_bdim, g_bdim = bdims[0], bdims[1]
+    rank = 4 if op is aten.grid_sampler_2d.default else 5
+    if logical_rank(x, x_bdim) != rank or logical_rank(grid, g_bdim) != rank:
+        raise_as_eager(op, bdims, (x, grid) + options)
+    if g_bdim is None:
+        # [B, N, C, H, W] -> [N, B*C, H, W]; out [N, B*C, Ho, Wo] -> [N, B, C, Ho, Wo]
+        batch = x.shape[x_bdim]
+        return op(_channels_to_front(x, x_bdim, batch), grid, *options).unflatten(1, (batch, -1)), 1
+    if x_bdim is None:
+        # grid [B, N, Ho, Wo, 2] -> [N, B*Ho, Wo, 2]; out [N, C, B*Ho, Wo] -> [N, C, B, Ho, Wo]
+        batch = grid.shape[g_bdim]
+        grid = move_bdim_to_front(grid, g_bdim).movedim(0, 1).flatten(1, 2)
+        return op(x, grid, *options).unflatten(2, (batch, -1)), 2
+    batch = x.shape[x_bdim]
+    x = move_bdim_to_front(x, x_bdim).flatten(0, 1)
+    grid = move_bdim_to_front(grid, g_bdim).flatten(0, 1)
+    return _unfold(op(x, grid, *options), 0, batch), 0
+
+
+@register_batching(aten.affine_grid_generator.default)
+def affine_grid_batch(bdims, theta, size, align_corners):
+    """theta [N, 2, 3] (or [N, 3, 4]) and size [N, C, *S]: fold into N."""
+    op = aten.affine_grid_generator.default
+    if logical_rank(theta, bdims[0]) != 3:
+        raise_as_eager(op, bdims, (theta, size, align_corners))
+    batch = theta.shape[bdims[0]]
+    folded, out_bdim = _fold(theta, bdims[0], batch)
+    return _unfold(op(folded, [size[0] * batch, *size[1:]], align_corners), out_bdim, batch), out_bdim
+
+
+# -- activations with parameters ----------------------------------------------------
+
+@register_batching(aten._prelu_kernel.default)
+def prelu_batch(bdims, x, weight):
+    """Elementwise with broadcasting (F.prelu shapes the weight [C, 1, ...]),
+    but the kernel writes into a buffer shaped like `x`: a batched weight
+    against an unbatched `x` needs `x` expanded to the result's shape.
+
+    # x [N, C, L], weight [B, C, 1] -> [B, N, C, L], [B, 1, C, 1]
+    """
+    x_al, w_al = broadcast_batched((x, weight), bdims)
+    shape = torch.broadcast_shapes(x_al.shape, w_al.shape)
+    return aten._prelu_kernel.default(x_al.expand(shape), w_al), 0
+
+
+@register_batching(aten.glu.default)
+def glu_batch(bdims, x, dim=-1):
+    bdim = bdims[0]
+    rank = x.dim() - 1
+    if rank == 0:
+        raise_as_eager(aten.glu.default, bdims, (x, dim))
+    d = wrap_dim(dim, rank)
+    return aten.glu.default(x, d if d < bdim else d + 1), bdim
+
+
+# -- attention ----------------------------------------------------------------------
+
+
+@register_batching(aten._scaled_dot_product_flash_attention_for_cpu.default, batched_kwargs=True)
+def sdpa_flash_cpu_batch(
+    bdims, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None, kwarg_bdims=None
+):
+    """q [N, H, L, E], k/v [N, H, S, E] (4-d only), mask broadcastable to
+    [N, H, L, S] (possibly batched: it is keyword-only, so its bdim comes in
+    ``kwarg_bdims``).  Only q batched (and no causal mask, no per-query mask
+    rows): each query row attends on its own, so the batch joins L and
+    k/v are read once.  Otherwise the batch folds into N."""
+    op = aten._scaled_dot_product_flash_attention_for_cpu.default
+    if dropout_p > 0 and current_vmap().randomness == "error":
+        # The op is tagged random for its dropout; only dropout draws.
+        # (The CPU kernel then rejects dropout itself, as in eager.)
+        raise RuntimeError(RANDOMNESS_ERROR_MESSAGE)
+    mask_bdim = (kwarg_bdims or {}).get("attn_mask")
+    kwargs = dict(attn_mask=attn_mask, scale=scale)
+    if bdims[0] is None and bdims[1] is None and bdims[2] is None and mask_bdim is None:
+        # Random ops reach vmap even without batched arguments.
+        return op(q, k, v, dropout_p, is_causal, **kwargs), None
+    if any(logical_rank(t, b) != 4 for t, b in zip((q, k, v), bdims)):
+        raise_as_eager(op, bdims, (q, k, v, dropout_p, is_causal), kwargs)
+    batch = batch_size((q, k, v, attn_mask), list(bdims[:3]) + [mask_bdim])
+    mask_rows = attn_mask is None or attn_mask.dim() < 2 or attn_mask.shape[-2] == 1
+    if bdims[1] is None and bdims[2] is None and mask_bdim is None and not is_causal and mask_rows:
+        # q [B, N, H, L, E] -> [N, H, B*L, E]; out [N, H, B*L, E] -> [N, H, B, L, E]
+        q = move_bdim_to_front(q, bdims[0]).permute(1, 2, 0, 3, 4).flatten(2, 3)
+        out, lse = op(q, k, v, dropout_p, is_causal, **kwargs)
+        return (out.unflatten(2, (batch, -1)), lse.unflatten(2, (batch, -1))), 2
+    q, k, v = (_materialize(t, b, batch).flatten(0, 1) for t, b in zip((q, k, v), bdims))
+    mask = _fold_mask(attn_mask, mask_bdim, batch, q.shape[0] // max(batch, 1))
+    out, lse = op(q, k, v, dropout_p, is_causal, attn_mask=mask, scale=scale)
+    return (_unfold(out, 0, batch), _unfold(lse, 0, batch)), 0
+
+
+def _fold_mask(attn_mask, mask_bdim, batch, n):
+    """The mask for inputs whose N holds the folded B*N.  An unbatched mask
+    with its own N dim is repeated to follow the fold; a batched one gets
+    its batch in front and N expanded, then folded the same way.
+
+    # unbatched [N, H, L, S] -> [B*N, H, L, S];  [1, H, L, S] or [L, S] as they are
+    # batched [B, L, S] -> [B, 1, 1, L, S] -> [B, N, 1, L, S] -> [B*N, 1, L, S]
+    """
+    if attn_mask is None:
+        return None
+    if mask_bdim is not None:
+        mask = front_padded(attn_mask, mask_bdim, 4)
+        return mask.expand((batch, n) + tuple(mask.shape[2:])).flatten(0, 1)
+    if attn_mask.dim() == 4 and attn_mask.shape[0] != 1:
+        return attn_mask.expand((batch,) + tuple(attn_mask.shape)).flatten(0, 1)
+    return attn_mask
+
+
+@register_batching(aten._scaled_dot_product_flash_attention_for_cpu_backward.default, batched_kwargs=True)
+def sdpa_flash_cpu_backward_batch(bdims, *args, attn_mask=None, scale=None, kwarg_bdims=None):
+    """(grad_out, q, k, v, out, logsumexp, dropout_p, is_causal): every
+    tensor folds into N."""
+    op = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    tensors, options = args[:6], args[6:]
+    mask_bdim = (kwarg_bdims or {}).get("attn_mask")
+    if any(logical_rank(t, b) != 4 for t, b in zip(tensors[:5], bdims)):
+        raise_as_eager(op, bdims, args, dict(attn_mask=attn_mask, scale=scale))
+    batch = batch_size(list(tensors) + [attn_mask], list(bdims[:6]) + [mask_bdim])
+    folded = [_materialize(t, b, batch).flatten(0, 1) for t, b in zip(tensors, bdims)]
+    mask = _fold_mask(attn_mask, mask_bdim, batch, folded[1].shape[0] // max(batch, 1))
+    grads = op(*folded, *options, attn_mask=mask, scale=scale)
+    return tuple(_unfold(g, 0, batch) for g in grads), 0

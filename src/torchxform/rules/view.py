@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from .._core.registry import BATCH_RULES, overloads, register_batching, register_batching_each
-from ._batching import front_padded, logical_rank, materialize, move_bdim_to_front, wrap_dim
+from .._core.registry import (
+    BATCH_RULES,
+    overloads,
+    register_batching,
+    register_batching_each,
+    register_nondifferentiable,
+    register_vjp,
+)
+from ._batching import front_padded, materialize, move_bdim_to_front, wrap_dim
 
 aten = torch.ops.aten
 
@@ -30,10 +37,18 @@ def _after_removing(dim: int, bdim: int) -> int:
 # -- view / reshape -----------------------------------------------------------
 
 
-@register_batching(aten.view.default, aten._unsafe_view.default, *overloads(aten.reshape, "default"))
+@register_batching(aten.view.default, *overloads(aten.reshape, "default"))
 def view_batch(op, bdims, x, size):
     x = move_bdim_to_front(x, bdims[0])
     return op(x, (x.shape[0],) + tuple(size)), 0
+
+
+@register_batching(aten._unsafe_view.default)
+def unsafe_view_batch(bdims, x, size):
+    # _unsafe_view only ever gets fresh temporaries (logically contiguous),
+    # but the physical value's layout around the batch dim may not flatten.
+    x = move_bdim_to_front(x, bdims[0])
+    return x.reshape((x.shape[0],) + tuple(size)), 0
 
 
 @register_batching(*overloads(aten.view, "dtype"))
@@ -66,7 +81,7 @@ def transpose_batch(bdims, x, dim0, dim1):
     rank = x.dim() - 1
     dim0, dim1 = wrap_dim(dim0, rank), wrap_dim(dim1, rank)
     if rank == 0:
-        return x.alias(), bdim
+        return aten.alias.default(x), bdim
     return x.transpose(_phys(dim0, bdim), _phys(dim1, bdim)), bdim
 
 
@@ -76,7 +91,7 @@ def t_batch(bdims, x):
     rank = x.dim() - 1
     if rank > 2:
         raise RuntimeError(f"t() expects a tensor with <= 2 dimensions, but self is {rank}D")
-    return (x.alias() if rank < 2 else x.transpose(_phys(0, bdim), _phys(1, bdim))), bdim
+    return (aten.alias.default(x) if rank < 2 else x.transpose(_phys(0, bdim), _phys(1, bdim))), bdim
 
 
 # -- expand / squeeze / unsqueeze ---------------------------------------------
@@ -332,3 +347,179 @@ def _register_copy_variants():
 
 
 _register_copy_variants()
+
+
+# ==========================================================================
+# Derivatives.  A view's VJP puts the cotangent back where the view took its
+# elements from: the inverse view where there is one, else a copy into the
+# matching view of zeros (new_zeros of a batched cotangent is batched, so
+# this composes with vmap).
+# ==========================================================================
+
+
+def _into_zeros(grad, shape, view):
+    """Zeros of ``shape`` with ``view(zeros)`` set to ``grad``."""
+    out = grad.new_zeros(shape)
+    view(out).copy_(grad)
+    return out
+
+
+@register_vjp(aten.view.default, aten._unsafe_view.default, aten.reshape.default, *overloads(aten.view_copy, "default"),
+              aten.squeeze.default, aten.squeeze.dim, *overloads(aten.squeeze, "dims"),
+              *overloads(aten.squeeze_copy, "default", "dim", "dims"), *overloads(aten._reshape_alias, "default"))
+def reshape_vjp(grad, inputs_meta):
+    return (grad.reshape(inputs_meta[0][0]),)
+
+
+@register_vjp(aten.unsqueeze.default, *overloads(aten.unsqueeze_copy, "default"))
+def unsqueeze_vjp(grad, dim):
+    return (grad.squeeze(dim),)
+
+
+@register_vjp(aten.permute.default, *overloads(aten.permute_copy, "default"))
+def permute_vjp(grad, dims):
+    rank = len(dims)
+    inverse = [0] * rank
+    for i, d in enumerate(dims):
+        inverse[wrap_dim(d, rank)] = i
+    return (grad.permute(inverse),)
+
+
+@register_vjp(aten.transpose.int, *overloads(aten.transpose_copy, "int"))
+def transpose_vjp(grad, dim0, dim1):
+    return (grad.transpose(dim0, dim1),)
+
+
+@register_vjp(aten.t.default, *overloads(aten.t_copy, "default"))
+def t_vjp(grad):
+    return (grad.t(),)
+
+
+@register_vjp(aten.expand.default, *overloads(aten.expand_copy, "default"))
+def expand_vjp(grad, inputs_meta):
+    return (grad.sum_to_size(inputs_meta[0][0]),)
+
+
+@register_vjp(
+    aten.alias.default,
+    *overloads(aten.alias_copy, "default"),
+    *overloads(aten.lift_fresh, "default"),
+    *overloads(aten.lift_fresh_copy, "default"),
+)
+def alias_vjp(grad):
+    return (grad,)
+
+
+@register_vjp(aten.slice.Tensor, *overloads(aten.slice_copy, "Tensor"))
+def slice_vjp(grad, inputs_meta, dim=0, start=None, end=None, step=1):
+    return (_into_zeros(grad, inputs_meta[0][0], lambda z: aten.slice.Tensor(z, dim, start, end, step)),)
+
+
+@register_vjp(aten.select.int, *overloads(aten.select_copy, "int"))
+def select_vjp(grad, inputs_meta, dim, index):
+    return (_into_zeros(grad, inputs_meta[0][0], lambda z: z.select(dim, index)),)
+
+
+@register_vjp(aten.diagonal.default, *overloads(aten.diagonal_copy, "default"))
+def diagonal_vjp(grad, inputs_meta, offset=0, dim1=0, dim2=1):
+    return (_into_zeros(grad, inputs_meta[0][0], lambda z: z.diagonal(offset, dim1, dim2)),)
+
+
+@register_vjp(aten.narrow.default, *overloads(aten.narrow_copy, "default"))
+def narrow_vjp(grad, inputs_meta, dim, start, length):
+    return (_into_zeros(grad, inputs_meta[0][0], lambda z: z.narrow(dim, start, length)),)
+
+
+def _join_pieces(grad, metas, join):
+    pieces = [g if g is not None else torch.zeros(m[0], dtype=m[1], device=m[2]) for g, m in zip(grad, metas)]
+    return join(pieces)
+
+
+@register_vjp(
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    *overloads(aten.unsafe_split, "Tensor"),
+    *overloads(aten.unsafe_split_with_sizes, "default"),
+    *overloads(aten.split_copy, "Tensor"),
+    *overloads(aten.split_with_sizes_copy, "default"),
+)
+def split_vjp(grad, result, dim=0):
+    metas = [(r.shape, r.dtype, r.device) for r in result]
+    return (_join_pieces(grad, metas, lambda pieces: torch.cat(pieces, dim)),)
+
+
+@register_vjp(aten.unbind.int, *overloads(aten.unbind_copy, "int"))
+def unbind_vjp(grad, result, dim=0):
+    metas = [(r.shape, r.dtype, r.device) for r in result]
+    return (_join_pieces(grad, metas, lambda pieces: torch.stack(pieces, dim)),)
+
+
+@register_vjp(aten.cat.default)
+def cat_vjp(grad, inputs_meta, dim=0):
+    metas = inputs_meta[0]
+    kept = [m for m in metas if not (len(m[0]) == 1 and m[0][0] == 0)]  # legacy: 1-D empties are skipped
+    dim = wrap_dim(dim, len(kept[0][0])) if kept else 0
+    pieces = iter(grad.split([m[0][dim] for m in kept], dim)) if kept else iter(())
+    return ([next(pieces) if m in kept else None for m in metas],)
+
+
+@register_vjp(aten.stack.default)
+def stack_vjp(grad, dim=0):
+    return (list(grad.unbind(dim)),)
+
+
+@register_vjp(aten.repeat.default)
+def repeat_vjp(grad, inputs_meta, repeats):
+    shape = inputs_meta[0][0]
+    padded = (1,) * (len(repeats) - len(shape)) + tuple(shape)
+    # [r0*s0, r1*s1] -> [r0, s0, r1, s1] -> sum over the r dims
+    split = [x for r, s in zip(repeats, padded) for x in (r, s)]
+    summed = grad.reshape(split).sum(list(range(0, 2 * len(repeats), 2)))
+    return (summed.reshape(shape),)
+
+
+@register_vjp(aten.flip.default)
+def flip_vjp(grad, dims):
+    return (grad.flip(dims),)
+
+
+@register_vjp(aten.roll.default)
+def roll_vjp(grad, shifts, dims=()):
+    return (grad.roll([-s for s in shifts], dims),)
+
+
+@register_vjp(aten.rot90.default)
+def rot90_vjp(grad, k=1, dims=(0, 1)):
+    return (grad.rot90(-k, dims),)
+
+
+@register_vjp(aten.tril.default)
+def tril_vjp(grad, diagonal=0):
+    return (grad.tril(diagonal),)
+
+
+@register_vjp(aten.triu.default)
+def triu_vjp(grad, diagonal=0):
+    return (grad.triu(diagonal),)
+
+
+@register_vjp(aten.unfold.default)
+def unfold_vjp(grad, inputs_meta, dimension, size, step):
+    return (aten.unfold_backward.default(grad, inputs_meta[0][0], dimension, size, step),)
+
+
+@register_batching(aten.unfold_backward.default)
+def unfold_backward_batch(bdims, grad_in, input_sizes, dim, size, step):
+    grad_in = move_bdim_to_front(grad_in, bdims[0])
+    rank = len(input_sizes)
+    return aten.unfold_backward.default(
+        grad_in, [grad_in.shape[0], *input_sizes], wrap_dim(dim, rank) + 1, size, step
+    ), 0
+
+
+@register_vjp(aten.unfold_backward.default)
+def unfold_backward_vjp(grad, dim, size, step):
+    return (grad.unfold(dim, size, step),)
+
+
+register_nondifferentiable(aten.detach.default, *overloads(aten.detach_copy, "default"))

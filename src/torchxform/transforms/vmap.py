@@ -17,12 +17,12 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten, tree_map_, tree_unflatten
 
-from .._core.dispatch import any_requires_grad, autograd_enabled, is_random_op
+from .._core.dispatch import dispatch_keys_restored, is_random_op, needs_dispatch_keys
 from .._core.errors import warn_slow_fallback
 from .._core.interpreter import STATE, Interpreter, interpreting
-from .._core.registry import BATCH_RULES, decomposition, on_rules_changed
-from .._core.schema import is_out_variant, mutates_self
-from .._core.tracer import Tracer
+from .._core.registry import BATCH_RULES, KWARG_BATCH_RULES, on_rules_changed
+from .._core.schema import is_out_variant, metadata_inplace_counterpart, mutates_self
+from .._core.tracer import Tracer, apply_metadata_op
 
 Tensor = torch.Tensor
 _make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
@@ -51,6 +51,11 @@ class BatchedTensor(Tracer):
     def tolist(self):
         raise RuntimeError(_DATA_DEPENDENT_MESSAGE.format(what=".tolist()"))
 
+
+RANDOMNESS_ERROR_MESSAGE = (
+    "vmap: called random operation while in randomness error mode. Please either use the "
+    "'same' or 'different' randomness flags on vmap or perform the randomness operation out of vmap"
+)
 
 _DATA_DEPENDENT_MESSAGE = (
     "vmap: {what} needs one concrete value, but inside vmap this Tensor holds one value "
@@ -82,9 +87,27 @@ def make_batched(value: torch.Tensor, bdim: int, interp: VmapInterpreter) -> Bat
 _PLANS: dict[int, tuple] = {}
 
 
+_METADATA = "metadata"  # an in-place op that changes shape/strides, not values
+
+
 def _plan(op):
-    plan = _PLANS[id(op)] = (BATCH_RULES.get(op), mutates_self(op), bool(op._schema.returns), is_random_op(op))
+    rule, inplace = BATCH_RULES.get(op), mutates_self(op)
+    counterpart = metadata_inplace_counterpart(op)
+    if counterpart is not None and rule is None:
+        # Compute the new view out of place, then swap it into the tracer.
+        rule, inplace = BATCH_RULES.get(counterpart), _METADATA
+    plan = _PLANS[id(op)] = (rule, inplace, bool(op._schema.returns), is_random_op(op))
     return plan
+
+
+def _mutate_metadata(op, args, kwargs, value, bdim):
+    """Finish an in-place metadata op (``squeeze_``, ``t_``, ...) on tracer
+    ``args[0]``: new logical metadata, and the rule's new physical view."""
+    tracer = args[0]
+    apply_metadata_op(op, args, kwargs)
+    tracer._value = value
+    tracer._bdim = bdim
+    return tracer
 
 
 on_rules_changed(_PLANS.clear)
@@ -93,14 +116,13 @@ on_rules_changed(_PLANS.clear)
 class VmapInterpreter(Interpreter):
     """The interpreter of one vmap level."""
 
-    __slots__ = ("batch_size", "randomness", "_decomposing")
+    __slots__ = ("batch_size", "randomness")
     name = "vmap"
 
     def __init__(self, batch_size: int, randomness: str) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.randomness = randomness
-        self._decomposing: set = set()
 
     # -- the per-op path ---------------------------------------------------
 
@@ -112,28 +134,28 @@ class VmapInterpreter(Interpreter):
 
         values = list(args)
         bdims = [None] * len(args)
-        batched = needs_autograd = False
+        batched = needs_keys = False
         for i, a in enumerate(args):
             if isinstance(a, Tensor):
                 if type(a) is BatchedTensor and a._interp is self:
                     bdims[i] = a._bdim
                     a = values[i] = a._value
                     batched = True
-                if a.requires_grad:
-                    needs_autograd = True  # See NOTE [Autograd inside rules]
+                if a.requires_grad or a.is_conj() or a.is_neg():
+                    needs_keys = True  # See NOTE [Autograd inside rules]
             elif type(a) is list or type(a) is tuple:
                 inner = self._unwrap_list(a)
                 if inner is not None:
                     values[i], bdims[i] = inner
                     batched = True
-                if any_requires_grad(values[i]):
-                    needs_autograd = True
+                if needs_dispatch_keys(values[i]):
+                    needs_keys = True
         if kwargs:
             for v in kwargs.values():
                 if type(v) is BatchedTensor and v._interp is self:
                     return self._batched_kwargs(op, args, kwargs)
-                if isinstance(v, Tensor) and v.requires_grad:
-                    needs_autograd = True
+                if isinstance(v, Tensor) and (v.requires_grad or v.is_conj() or v.is_neg()):
+                    needs_keys = True
 
         if inplace and batched and bdims[0] is None:
             raise RuntimeError(
@@ -143,29 +165,36 @@ class VmapInterpreter(Interpreter):
                 f"(e.g. `x = x + y` instead of `x += y`), or make `self` batched too."
             )
         if rule is None or random:
-            return self._guarded(op, rule, args, kwargs, values, bdims, needs_autograd)
-        if needs_autograd:
-            with autograd_enabled():
+            return self._guarded(op, rule, args, kwargs, values, bdims, needs_keys)
+        if needs_keys:
+            with dispatch_keys_restored():
                 result = rule(bdims, *values, **kwargs)
         else:
             result = rule(bdims, *values, **kwargs)
         if inplace:
+            if inplace is _METADATA:
+                return _mutate_metadata(op, args, kwargs, *result)
             return args[0] if returns else None
         out, bdim = result
         if type(bdim) is int and isinstance(out, Tensor):
             return make_batched(out, bdim, self)
         return self.wrap(result)
 
-    def _guarded(self, op, rule, args, kwargs, values, bdims, needs_autograd):
+    def _guarded(self, op, rule, args, kwargs, values, bdims, needs_keys):
         """The path for random ops and ops without a rule: these may issue
         ops without tracer arguments, so the ceiling is set.  See NOTE [Ceiling]."""
+        if rule is None and self.randomness == "error" and is_random_op(op):
+            # A random op without a rule would draw in the fallback; with a
+            # rule, the rule decides (some calls draw nothing, e.g. dropout
+            # in eval mode).
+            raise RuntimeError(RANDOMNESS_ERROR_MESSAGE)
         state = STATE
         saved_ceiling = state.ceiling
         state.ceiling = self.level - 1
         try:
             if rule is None:
                 return self._without_rule(op, args, kwargs, values, bdims)
-            with autograd_enabled() if needs_autograd else _nullcontext():
+            with dispatch_keys_restored() if needs_keys else _nullcontext():
                 result = rule(bdims, *values, **kwargs)
         finally:
             state.ceiling = saved_ceiling
@@ -211,24 +240,9 @@ class VmapInterpreter(Interpreter):
     # -- without a rule: decomposition, else the per-example loop -----------
 
     def _without_rule(self, op, args, kwargs, values, bdims):
-        decomp = decomposition(op)
-        if decomp is not None and op not in self._decomposing:
-            # The decomposition runs on this level's tracers, so its ops bind
-            # here again; its random ops belong to this level as well.
-            state = STATE
-            self._decomposing.add(op)
-            state.ceiling = self.level
-            try:
-                if any_requires_grad(args):
-                    with autograd_enabled():
-                        out = decomp(*args, **kwargs)
-                else:
-                    out = decomp(*args, **kwargs)
-            finally:
-                self._decomposing.discard(op)
-                state.ceiling = self.level - 1
-            if out is not NotImplemented:
-                return out
+        out = self.decompose(op, args, kwargs)
+        if out is not NotImplemented:
+            return out
         return self._loop(op, args, kwargs, values, bdims)
 
     def _batched_kwargs(self, op, args, kwargs):
@@ -253,6 +267,18 @@ class VmapInterpreter(Interpreter):
         saved_ceiling = state.ceiling
         state.ceiling = self.level - 1
         try:
+            if op in KWARG_BATCH_RULES:
+                # A rule that takes batched keyword-only tensors (e.g. an
+                # attention mask): unwrapped values plus their bdims.
+                kw_values, kw_bdims = {}, {}
+                for k, v in kwargs.items():
+                    if type(v) is BatchedTensor and v._interp is self:
+                        kw_values[k], kw_bdims[k] = v._value, v._bdim
+                    else:
+                        kw_values[k] = v
+                with dispatch_keys_restored() if needs_dispatch_keys(values) else _nullcontext():
+                    result = BATCH_RULES[op](bdims, *values, kwarg_bdims=kw_bdims, **kw_values)
+                return self.wrap(result)
             return self._loop(op, args, kwargs, values, bdims)
         finally:
             state.ceiling = saved_ceiling
@@ -276,9 +302,9 @@ class VmapInterpreter(Interpreter):
             else:
                 kw_values[k], kw_bdims[k] = v, None
 
-        needs_autograd = any_requires_grad(values) or any_requires_grad(kw_values.values())
+        needs_keys = needs_dispatch_keys(values) or needs_dispatch_keys(kw_values.values())
         results = []
-        with autograd_enabled() if needs_autograd else _nullcontext():
+        with dispatch_keys_restored() if needs_keys else _nullcontext():
             for i in range(self.batch_size):
                 example_args = [select(v, b, i) for v, b in zip(values, bdims)]
                 example_kwargs = {k: select(v, kw_bdims[k], i) for k, v in kw_values.items()}

@@ -1,0 +1,155 @@
+"""Convolution (1d/2d/3d, strided, dilated, grouped, transposed) and its
+backward op.
+
+A batched input alone folds into N (NOTE [Folding the batch into N] in
+pooling.py).  A batched weight (model ensembles) uses the grouped-convolution
+trick: the B weights become B times as many output channels, or B times as
+many groups when the input is batched too, so one convolution computes every
+example without a loop.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._core.registry import register_batching
+from ._batching import batch_size, logical_rank, move_bdim_to_front, raise_as_eager
+from .pooling import _channels_to_front, _fold, _materialize, _unfold
+
+aten = torch.ops.aten
+
+
+def _bias_batch_major(bias, bdim, batch):
+    """Bias of B*O channels ordered (B, O)."""
+    if bias is None:
+        return None
+    if bdim is None:
+        return bias.repeat(batch)
+    return move_bdim_to_front(bias, bdim).flatten()
+
+
+def _bias_group_major(bias, bdim, batch, groups):
+    """Bias of B*O channels ordered (groups, B, O/groups)."""
+    if bias is None:
+        return None
+    if bdim is None:
+        per_group = bias.view(groups, 1, -1)
+        return per_group.expand(groups, batch, per_group.shape[2]).flatten()
+    return move_bdim_to_front(bias, bdim).unflatten(1, (groups, -1)).transpose(0, 1).flatten()
+
+
+def _batched_weight_only(conv, x, w, bias, bias_bdim, batch, transposed, groups):
+    """Unbatched input, weights [B, ...]: the B weights become extra output
+    channels of each group, so the input is read once, not copied B times.
+
+    # non-transposed: [B, O, C/g, *K] -> [g, B, O/g, C/g, *K] -> [g*B*O/g, C/g, *K]
+    # transposed:     [B, C, O/g, *K] -> [g, C/g, B, O/g, *K] -> [C, B*O/g, *K]
+    # output [N, (g, B, O/g), *S] -> [N, B, g, O/g, *S] -> [N, B, O, *S]
+    """
+    if transposed:
+        w = w.unflatten(1, (groups, -1))  # [B, g, C/g, O/g, *K]
+        w = w.permute(1, 2, 0, *range(3, w.dim())).flatten(0, 1).flatten(1, 2)
+    else:
+        w = w.unflatten(1, (groups, -1)).transpose(0, 1).flatten(0, 2)
+    out = conv(x, w, _bias_group_major(bias, bias_bdim, batch, groups), groups)
+    return out.unflatten(1, (groups, batch, -1)).transpose(1, 2).flatten(2, 3), 1
+
+
+@register_batching(aten.convolution.default)
+def convolution_batch(bdims, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    x_bdim, w_bdim, b_bdim = bdims[0], bdims[1], bdims[2]
+    args = (x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    rank = logical_rank(weight, w_bdim)
+    if rank < 3 or logical_rank(x, x_bdim) != rank:
+        raise_as_eager(aten.convolution.default, bdims, args)
+
+    def conv(x, w, b, groups):
+        return aten.convolution.default(x, w, b, stride, padding, dilation, transposed, output_padding, groups)
+
+    try:
+        if w_bdim is not None:
+            batch = weight.shape[w_bdim]
+            w = move_bdim_to_front(weight, w_bdim)
+            if x_bdim is None:
+                return _batched_weight_only(conv, x, w, bias, b_bdim, batch, transposed, groups)
+            # Both batched: each example is a group of its own.
+            # [B, N, C, *S] -> [N, B*C, *S];  weights [B, O, C/g, *K] -> [B*O, C/g, *K]
+            x = _channels_to_front(x, x_bdim, batch)
+            out = conv(x, w.flatten(0, 1), _bias_batch_major(bias, b_bdim, batch), groups * batch)
+            return out.unflatten(1, (batch, -1)), 1
+        if x_bdim is None:  # only the bias is batched: [N, O, *S] + [B, 1, O, 1...]
+            out = conv(x, weight, None, groups)
+            return out + _bias_like_output(bias, b_bdim, 0, out.dim() + 1), 0
+        batch = x.shape[x_bdim]
+        folded, out_bdim = _fold(x, x_bdim, batch)
+        out = _unfold(conv(folded, weight, bias if b_bdim is None else None, groups), out_bdim, batch)
+        if b_bdim is not None:
+            out = out + _bias_like_output(bias, b_bdim, out_bdim, out.dim())
+        return out, out_bdim
+    except RuntimeError as error:
+        raise_as_eager(aten.convolution.default, bdims, args, error=error)
+
+
+def _bias_like_output(bias, bdim, out_bdim, out_rank):
+    """A batched bias [B, O] shaped to broadcast against a batched output.
+
+    # out [B, N, O, H, W] (out_bdim 0): bias -> [B, 1, O, 1, 1]
+    # out [N, B, O, H, W] (out_bdim 1): bias -> [B, O, 1, 1]
+    """
+    bias = move_bdim_to_front(bias, bdim)
+    shape = list(bias.shape) + [1] * (out_rank - 3)
+    if out_bdim == 0:
+        shape.insert(1, 1)
+    return bias.view(shape)
+
+
+@register_batching(aten._convolution.default)
+def _convolution_batch(bdims, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, *flags):
+    """The backend-selecting variant: the same math as ``convolution``."""
+    return convolution_batch(bdims[:9], x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+
+
+@register_batching(aten.convolution_backward.default)
+def convolution_backward_batch(bdims, grad_output, x, weight, bias_sizes, *conv_args):
+    """Per-example gradients of a convolution.  Only grad_input wanted and
+    the weight shared: fold the batch into N.  Otherwise the grouped trick
+    (each example a group of its own) gives per-example grad_weight and
+    grad_bias in the same call.
+
+    # grad_output [B, N, O, *S'] -> [N, B*O, *S'];  input [B, N, C, *S] -> [N, B*C, *S]
+    # weight [B, O, C/g, *K] -> [B*O, C/g, *K];  groups g -> B*g
+    """
+    op = aten.convolution_backward.default
+    stride_to_output_padding, groups, output_mask = conv_args[:5], conv_args[5], conv_args[6]
+    g_bdim, x_bdim, w_bdim = bdims[0], bdims[1], bdims[2]
+    args = (grad_output, x, weight, bias_sizes, *conv_args)
+    rank = logical_rank(weight, w_bdim)
+    if rank < 3 or logical_rank(x, x_bdim) != rank or logical_rank(grad_output, g_bdim) != rank:
+        raise_as_eager(op, bdims, args)
+    batch = batch_size(args, bdims)
+
+    def backward(grad_output, x, weight, bias_sizes, groups):
+        return op(grad_output, x, weight, bias_sizes, *stride_to_output_padding, groups, output_mask)
+
+    try:
+        if w_bdim is None and not output_mask[1] and not output_mask[2]:
+            grad_output = _materialize(grad_output, g_bdim, batch).flatten(0, 1)
+            x = _materialize(x, x_bdim, batch).flatten(0, 1)
+            grad_input = backward(grad_output, x, weight, bias_sizes, groups)[0]
+            return (_unfold(grad_input, 0, batch), None, None), 0
+        grad_input, grad_weight, grad_bias = backward(
+            _channels_to_front(grad_output, g_bdim, batch),
+            _channels_to_front(x, x_bdim, batch),
+            _materialize(weight, w_bdim, batch).flatten(0, 1),
+            None if bias_sizes is None else [batch * bias_sizes[0]],
+            groups * batch,
+        )
+    except RuntimeError as error:
+        raise_as_eager(op, bdims, args, error=error)
+    if grad_input is not None:
+        grad_input = grad_input.unflatten(1, (batch, -1))
+    if grad_weight is not None:
+        grad_weight = grad_weight.unflatten(0, (batch, -1))
+    if grad_bias is not None:
+        grad_bias = grad_bias.unflatten(0, (batch, -1))
+    return (grad_input, grad_weight, grad_bias), (1, 0, 0)

@@ -1,0 +1,182 @@
+"""Normalization: batch norm (every ATen variant), layer norm, group norm.
+Instance norm is CompositeImplicit over batch norm and needs no rule.
+
+Each example is normalized with its own statistics, as in a loop over the
+batch.  Batch norm in training mode computes statistics over N and the
+spatial dims, so the vmap batch cannot join N: it joins the channels instead
+(``[B, N, C, H, W] -> [N, B*C, H, W]``), which gives every example its own
+per-channel statistics in one call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._core.registry import register_batching, register_batching_each
+from ._batching import batch_size, front_padded, logical_rank, move_bdim_to_front, raise_as_eager
+from .pooling import _channels_to_front, _fold, _materialize, _unfold
+
+aten = torch.ops.aten
+
+# torch.func's message, then where torchxform's tools are.
+BATCH_NORM_RUNNING_STATS_MESSAGE = (
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which will be "
+    "updated in place, were not batched.\nIf you are using a module and do not need eval mode, please "
+    "set `track_running_stats` to be False.If you are using a prebuilt module and do not need eval "
+    "mode, please see the functorch website for resources on how to patch your module to work with "
+    "vmap. (replace_all_batch_norm_modules_ patches a model's batch norm modules so; otherwise pass "
+    "running_mean and running_var batched like the input, one set of running statistics per example.)"
+)
+
+
+def _affine_after(out, out_bdim, rank, trailing, weight, w_bdim, bias, b_bdim):
+    """``out * weight + bias`` for the affine parameters the op could not
+    take itself (a batched weight, and the bias that must follow it).  The
+    parameters' logical dims align with ``out``'s dims counted from the
+    right, skipping ``trailing`` spatial dims.
+
+    # group norm, out [N, C, H, W], weight [B, C] -> [B, 1, C, 1, 1]: result [B, N, C, H, W]
+    # layer norm, out [B, N, D] (batched), weight [D] -> [D]: result [B, N, D]
+    """
+    if out_bdim is not None:
+        out = move_bdim_to_front(out, out_bdim)
+
+    def align(p, bdim):
+        p = p.view(tuple(p.shape) + (1,) * trailing)
+        return p if bdim is None else front_padded(p, bdim, rank)
+
+    if weight is not None:
+        out = out * align(weight, w_bdim)
+    if bias is not None:
+        out = out + align(bias, b_bdim)
+    return out
+
+
+def _split_affine(weight, w_bdim, bias, b_bdim):
+    """Which affine parameters the op applies itself (unbatched ones, and a
+    bias only if the weight goes in too) and which are applied afterwards."""
+    w_in = weight if w_bdim is None else None
+    b_in = bias if b_bdim is None and w_bdim is None else None
+    w_after = None if w_in is not None else weight
+    b_after = None if b_in is not None else bias
+    return w_in, b_in, w_after, b_after
+
+
+# -- batch norm -------------------------------------------------------------------
+
+
+def batch_norm_batch(op, bdims, *args, stats, training_at, updates_stats):
+    """Every batch-norm variant: ``args`` start (input, weight, bias); running
+    statistics sit at positions ``stats``; ``training_at`` is the position
+    of the training flag (None: always eval); ``updates_stats`` says the op
+    writes the running statistics in place."""
+    x, weight, bias = args[0], args[1], args[2]
+    x_bdim, w_bdim, b_bdim = bdims[0], bdims[1], bdims[2]
+    training = args[training_at] if training_at is not None else False
+    rank = logical_rank(x, x_bdim)
+    if rank < 2:
+        raise_as_eager(op, bdims, args)
+    stats_batched = any(bdims[i] is not None for i in stats)
+    if training and updates_stats and x_bdim is not None:
+        if any(args[i] is not None and bdims[i] is None for i in stats):
+            raise RuntimeError(BATCH_NORM_RUNNING_STATS_MESSAGE)
+    batch = batch_size(args, bdims)
+    original, args = args, list(args)
+
+    if not training and w_bdim is None and b_bdim is None and not stats_batched:
+        # Eval with shared parameters: examples are independent along N.
+        folded, out_bdim = _fold(x, x_bdim, batch)
+        results = op(folded, *args[1:])
+        return (_unfold(results[0], out_bdim, batch),) + tuple(results[1:]), (out_bdim,) + (None,) * (len(results) - 1)
+
+    if x_bdim is None and not stats_batched:
+        # Only the affine parameters differ per example: normalize once
+        # (running statistics are updated once, as torch.func does).
+        w_in, b_in, w_after, b_after = _split_affine(weight, w_bdim, bias, b_bdim)
+        args[1], args[2] = w_in, b_in
+        results = op(*args)
+        out = _affine_after(results[0], None, rank, rank - 2, w_after, w_bdim, b_after, b_bdim)
+        return (out,) + tuple(results[1:]), (0,) + (None,) * (len(results) - 1)
+
+    # Per-example statistics: the batch joins the channels.
+    # [B, N, C, *S] -> [N, B*C, *S];  per-channel [B, C] (or shared [C]) -> [B*C]
+    args[0] = _channels_to_front(x, x_bdim, batch)
+    for i in (1, 2, *stats):
+        if args[i] is not None:
+            args[i] = _materialize(args[i], bdims[i], batch).flatten()
+    results = op(*args)
+    if training and updates_stats:
+        for i in stats:  # `flatten` copied unless the batch was at dim 0: write back
+            if args[i] is not None:
+                front = move_bdim_to_front(original[i], bdims[i])
+                front.copy_(args[i].view(front.shape))
+    outs = [results[0].unflatten(1, (batch, -1))]
+    out_bdims = [1]
+    for r in results[1:]:
+        if r.numel() == 0:  # eval-mode save_mean / save_invstd are empty
+            outs.append(r)
+            out_bdims.append(None)
+        else:
+            outs.append(r.unflatten(0, (batch, -1)))
+            out_bdims.append(0)
+    return tuple(outs), tuple(out_bdims)
+
+
+_BATCH_NORMS = [
+    # (op, running-stat positions, training-flag position, updates stats in place)
+    (aten.native_batch_norm.default, (3, 4), 5, True),
+    (aten._native_batch_norm_legit.default, (3, 4), 5, True),
+    (aten._native_batch_norm_legit.no_stats, (), 3, False),
+    (aten._native_batch_norm_legit_no_training.default, (3, 4), None, False),
+    (aten._native_batch_norm_legit_functional.default, (3, 4), 5, False),
+]
+for _op, _stats, _training_at, _updates in _BATCH_NORMS:
+    register_batching_each([_op], batch_norm_batch, stats=_stats, training_at=_training_at, updates_stats=_updates)
+
+
+# -- layer norm and group norm ------------------------------------------------------
+
+
+@register_batching(aten.native_layer_norm.default)
+def layer_norm_batch(bdims, x, normalized_shape, weight, bias, eps):
+    """Normalizes the trailing dims: the batch stays where it is unless it
+    sits among them.  mean and rstd keep the input's layout."""
+    x_bdim, w_bdim, b_bdim = bdims[0], bdims[2], bdims[3]
+    k = len(normalized_shape)
+    if x_bdim is not None:
+        if x.dim() - 1 < k:
+            raise_as_eager(aten.native_layer_norm.default, bdims, (x, normalized_shape, weight, bias, eps))
+        if x_bdim >= x.dim() - k:
+            x, x_bdim = move_bdim_to_front(x, x_bdim), 0
+    w_in, b_in, w_after, b_after = _split_affine(weight, w_bdim, bias, b_bdim)
+    out, mean, rstd = aten.native_layer_norm.default(x, normalized_shape, w_in, b_in, eps)
+    if w_after is None and b_after is None:
+        return (out, mean, rstd), x_bdim
+    rank = x.dim() - (x_bdim is not None)
+    out = _affine_after(out, x_bdim, rank, 0, w_after, w_bdim, b_after, b_bdim)
+    return (out, mean, rstd), (0, x_bdim, x_bdim)
+
+
+@register_batching(aten.native_group_norm.default)
+def group_norm_batch(bdims, x, weight, bias, n, channels, hxw, group, eps):
+    """Statistics per (example, group): the batch folds into N."""
+    op = aten.native_group_norm.default
+    x_bdim, w_bdim, b_bdim = bdims[0], bdims[1], bdims[2]
+    rank = logical_rank(x, x_bdim)
+    w_in, b_in, w_after, b_after = _split_affine(weight, w_bdim, bias, b_bdim)
+    if x_bdim is None:
+        results, out_bdim = op(x, w_in, b_in, n, channels, hxw, group, eps), None
+    else:
+        batch = x.shape[x_bdim]
+        if rank >= 2:
+            folded, out_bdim = _fold(x, x_bdim, batch)
+        else:  # the kernel reads any shape as [N, C, HxW]: keep the batch in front
+            front = move_bdim_to_front(x, x_bdim)
+            folded, out_bdim = front.reshape(-1), 0
+        out, mean, rstd = op(folded, w_in, b_in, n * batch, channels, hxw, group, eps)
+        out = _unfold(out, out_bdim, batch) if rank >= 2 else out.view(front.shape)
+        results = (out, _unfold(mean, out_bdim, batch), _unfold(rstd, out_bdim, batch))
+    if w_after is None and b_after is None:
+        return results, out_bdim
+    out = _affine_after(results[0], out_bdim, rank, rank - 2, w_after, w_bdim, b_after, b_bdim)
+    return (out,) + tuple(results[1:]), (0, out_bdim, out_bdim)

@@ -1,0 +1,139 @@
+"""Pooling ops (max, average, adaptive) and their backward ops, plus the
+helpers the whole neural-network family shares: folding the vmap batch into
+an op's own leading batch dim N, and raising eager's error for bad shapes.
+
+NOTE [Folding the batch into N]
+Most nn ops take ``[N, C, *spatial]`` and treat the N examples independently,
+so a vmap batch can ride along in N: ``[B, N, C, H, W] -> [B*N, C, H, W]``,
+run the op once, split the outputs' dim 0 back into ``[B, N]``.  Ops that also
+accept an input without N (``[C, H, W]``) see the batch *as* N instead: no
+reshape at all.  Per-example results are unchanged because the op never
+mixes examples along N.  The logical rank must be checked first: a logical
+``[H, W]`` input would otherwise pass as a physical ``[B, H, W]`` one and
+return wrong numbers instead of eager's error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._core.registry import overloads, register_batching_each
+from ._batching import batch_size, logical_rank, move_bdim_to_front, raise_as_eager
+
+aten = torch.ops.aten
+Tensor = torch.Tensor
+
+
+# -- shared helpers (used by conv.py, norm.py, loss.py and nn.py) -------------
+
+
+def _materialize(x, bdim, batch):
+    """``x`` with its batch dim at 0; an unbatched ``x`` is copied ``batch``
+    times.  A copy, not an expanded view, because that goes to kernels and
+    some CPU kernels crash on stride-0 inputs (adaptive_max_pool3d_backward
+    segfaults on them in torch 2.13)."""
+    if bdim is None:
+        return x.expand((batch,) + tuple(x.shape)).contiguous()
+    return move_bdim_to_front(x, bdim)
+
+
+def _fold(x, bdim, batch):
+    """Fold the batch of ``x`` into its leading logical dim (NOTE [Folding the
+    batch into N]).  Returns the folded tensor and where the batch goes when
+    an output's dim 0 is split again (0 or 1: a batch already at dim 1 folds
+    as ``[N, B] -> [N*B]`` without moving).
+
+    # [B, N, C, H, W] -> [B*N, C, H, W]    (bdim 0; also bdim 1: [N, B, ...] -> [N*B, ...])
+    """
+    if bdim is None:
+        x, bdim = _materialize(x, None, batch), 0
+    elif bdim > 1:
+        x, bdim = x.movedim(bdim, 0), 0
+    return x.flatten(0, 1), bdim
+
+
+def _unfold(out, bdim, batch):
+    """Split dim 0 of a folded output back: ``[B*N, ...] -> [B, N, ...]``
+    (or ``[N, B, ...]`` when ``bdim`` is 1)."""
+    if out is None:
+        return None
+    rest = out.shape[0] // batch if batch else 0
+    lead = (batch, rest) if bdim == 0 else (rest, batch)
+    return out.view(lead + tuple(out.shape[1:]))
+
+
+def _unfold_all(out, bdim, batch):
+    if isinstance(out, Tensor):
+        return _unfold(out, bdim, batch)
+    return tuple(_unfold(o, bdim, batch) for o in out)
+
+
+def _channels_to_front(x, bdim, batch):
+    """The batch folded into the channel dim, for ops whose examples are
+    *not* independent along N: [B, N, C, *S] -> [N, B*C, *S]."""
+    return _materialize(x, bdim, batch).movedim(0, 1).flatten(1, 2)
+
+
+def fold_batch_rule(op, bdims, *args, spatial, without_n=True, tensors=(0,), **kwargs):
+    """Batching rule of an op over ``[N, C, *spatial]`` inputs whose examples
+    are independent along N (NOTE [Folding the batch into N]).
+
+    ``spatial``: the number of spatial dims; ``without_n``: whether the op
+    also takes ``[C, *spatial]``; ``tensors``: positions of the tensor
+    arguments that share the leading N (the first decides the logical rank).
+    """
+    main = tensors[0]
+    rank = logical_rank(args[main], bdims[main])
+    if rank == spatial + 2:
+        if len(tensors) == 1:  # the common case: one batched input
+            x, bdim = args[main], bdims[main]
+            batch = x.shape[bdim]
+            x, out_bdim = _fold(x, bdim, batch)
+            args = args[:main] + (x,) + args[main + 1 :]
+            return _unfold_all(op(*args, **kwargs), out_bdim, batch), out_bdim
+        batch = batch_size(args, bdims)
+        args = list(args)
+        for i in tensors:
+            if args[i] is not None:
+                args[i] = _materialize(args[i], bdims[i], batch).flatten(0, 1)
+        return _unfold_all(op(*args, **kwargs), 0, batch), 0
+    if without_n and rank == spatial + 1:
+        # [B, C, H, W]: the batch is the op's N.
+        batch = batch_size(args, bdims)
+        args = list(args)
+        for i in tensors:
+            if args[i] is not None:
+                args[i] = _materialize(args[i], bdims[i], batch)
+        return op(*args, **kwargs), 0
+    raise_as_eager(op, bdims, args, kwargs)
+
+
+def register_fold(ops, spatial, **options):
+    register_batching_each(ops, fold_batch_rule, spatial=spatial, **options)
+
+
+# -- pooling --------------------------------------------------------------------
+# max_pool{1,2,3}d and max_pool1d_with_indices are CompositeImplicit: user code
+# reaches dispatch with the *_with_indices ops, but rules (running below
+# autograd) see them whole.
+
+register_fold(overloads(aten.max_pool1d, "default") + overloads(aten.max_pool1d_with_indices, "default"), 1)
+register_fold(
+    [aten.max_pool2d.default, aten.max_pool2d_with_indices.default, aten.avg_pool2d.default,
+     aten.adaptive_max_pool2d.default, aten._adaptive_avg_pool2d.default],
+    2,
+)
+register_fold(
+    [aten.max_pool3d.default, aten.max_pool3d_with_indices.default, aten.avg_pool3d.default,
+     aten.adaptive_max_pool3d.default, aten._adaptive_avg_pool3d.default],
+    3,
+)
+
+# Backward ops take (grad_output, self, ..., [indices]), all with self's N;
+# `self` (listed first) decides the logical rank.
+register_fold([aten.avg_pool2d_backward.default, aten._adaptive_avg_pool2d_backward.default], 2, tensors=(1, 0))
+register_fold([aten.avg_pool3d_backward.default, aten._adaptive_avg_pool3d_backward.default], 3, tensors=(1, 0))
+register_fold([aten.max_pool2d_with_indices_backward.default], 2, tensors=(1, 0, 7))
+register_fold([aten.max_pool3d_with_indices_backward.default], 3, tensors=(1, 0, 7))
+register_fold([aten.adaptive_max_pool2d_backward.default], 2, tensors=(1, 0, 2))
+register_fold([aten.adaptive_max_pool3d_backward.default], 3, tensors=(1, 0, 2))
