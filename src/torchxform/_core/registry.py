@@ -161,7 +161,11 @@ def decomposition(op: OpOverload) -> Callable | None:
         pass
     from torch._decomp import decomposition_table
 
-    if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd"):
+    try:
+        composite = torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
+    except RuntimeError:  # TorchScript-only overloads (e.g. aten::__and__.bool) are not dispatcher ops
+        composite = False
+    if composite:
         fn = op.decompose
     else:
         fn = decomposition_table.get(op)
@@ -181,6 +185,11 @@ def batching_coverage(op: OpOverload) -> str:
     purpose), 'decomposition' or 'loop' (the slow per-example fallback)."""
     if op in BATCH_RULES:
         return "error" if op in ERROR_RULES else "rule"
+    from .schema import metadata_inplace_counterpart
+
+    counterpart = metadata_inplace_counterpart(op)
+    if counterpart is not None and counterpart in BATCH_RULES:
+        return "rule"  # squeeze_, t_, ...: the view's rule, then new metadata
     if decomposition(op) is not None:
         return "decomposition"
     return "loop"

@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     creation,
     data_dependent,
     elementwise,
+    fft,
     indexing,
     linalg,
     loss,

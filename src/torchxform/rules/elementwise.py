@@ -199,6 +199,12 @@ _UNTAGGED = [
     *overloads(aten.true_divide, "Scalar"),
     *overloads(aten.erfinv, "default"),
     *overloads(aten.logical_not, "default"),
+    *overloads(aten.rsub, "Tensor"),
+    *overloads(aten._add_relu, "Tensor", "Scalar"),
+    *overloads(aten.polar, "default"),
+    *overloads(aten.complex, "default"),
+    *overloads(aten.copy, "default"),
+    *overloads(aten.zero, "default"),
 ]
 # copy_ converts to self's dtype; promoting first could round twice.
 _SKIP_PROMOTION[aten.copy_.default] = (0, 1)
@@ -217,8 +223,19 @@ def _pointwise_ops():
     return ops
 
 
+def _inplace_variant(op):
+    """``aten.add_.Tensor`` for ``aten.add.Tensor``, if it exists."""
+    packet = getattr(aten, op._schema.name.split("::")[-1] + "_", None)
+    if packet is None or op._overloadname not in packet.overloads():
+        return None
+    return getattr(packet, op._overloadname)
+
+
 def _register_elementwise():
-    for op in _pointwise_ops() + _UNTAGGED:
+    ops = _pointwise_ops() + _UNTAGGED
+    # In-place variants are not always tagged (eq_, gcd_, threshold_, ...).
+    ops += [v for v in map(_inplace_variant, ops) if v is not None and v not in ops]
+    for op in ops:
         if op in _SPECIAL or is_out_variant(op):
             continue
         skip = _SKIP_PROMOTION.get(op, ())
@@ -346,9 +363,9 @@ def derivative(ops, partials, *, conjugate: bool = True) -> None:
     targets = []
     for op in ops:
         targets.append(op)
-        inplace_packet = getattr(aten, op._schema.name.split("::")[-1] + "_", None)
-        if inplace_packet is not None and op._overloadname in inplace_packet.overloads():
-            targets.append(getattr(inplace_packet, op._overloadname))
+        inplace = _inplace_variant(op)
+        if inplace is not None:
+            targets.append(inplace)
     register_vjp(*targets)(rule)
 
 

@@ -311,10 +311,17 @@ def rot90_batch(bdims, x, k=1, dims=(0, 1)):
     return x.rot90(k, [_phys(wrap_dim(d, rank), bdim) for d in dims]), bdim
 
 
-@register_batching(aten.tril.default, aten.triu.default)
+@register_batching(aten.tril.default, aten.triu.default, aten.tril_.default, aten.triu_.default)
 def tril_triu_batch(op, bdims, x, diagonal=0):
-    # Both act on the last two dims: keep the batch in front of them.
+    # Both act on the last two dims: keep the batch in front of them (a
+    # view, so the in-place forms write into x).
     return op(move_bdim_to_front(x, bdims[0]), diagonal), 0
+
+
+@register_batching(*overloads(aten._reshape_copy, "default"))
+def reshape_copy_batch(bdims, x, size):
+    x = move_bdim_to_front(x, bdims[0])
+    return x.reshape((x.shape[0],) + tuple(size)).clone(), 0
 
 
 # -- `*_copy` variants: the view rule, then a copy --------------------------

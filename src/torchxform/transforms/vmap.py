@@ -69,17 +69,19 @@ def make_batched(value: torch.Tensor, bdim: int, interp: VmapInterpreter) -> Bat
     """Wrap physical ``value`` batched along ``bdim`` for ``interp``."""
     shape = value.shape
     strides = value.stride()
-    t = _make_wrapper_subclass(
-        BatchedTensor,
-        shape[:bdim] + shape[bdim + 1 :],
-        strides[:bdim] + strides[bdim + 1 :],
-        dtype=value.dtype,
-        device=value.device,
-    )
+    if bdim == 0:
+        shape, strides = shape[1:], strides[1:]
+    else:
+        shape, strides = shape[:bdim] + shape[bdim + 1 :], strides[:bdim] + strides[bdim + 1 :]
+    # Positional arguments: (cls, size, strides, storage_offset, memory_format, dtype, layout, device)
+    t = _make_wrapper_subclass(BatchedTensor, shape, strides, None, None, value.dtype, _STRIDED, value.device)
     t._value = value
     t._bdim = bdim
     t._interp = interp
     return t
+
+
+_STRIDED = torch.strided
 
 
 # id(op) -> (batching rule or None, mutates self, returns something, random).
@@ -94,7 +96,7 @@ def _plan(op):
     rule, inplace = BATCH_RULES.get(op), mutates_self(op)
     counterpart = metadata_inplace_counterpart(op)
     if counterpart is not None and rule is None:
-        # Compute the new view out of place, then swap it into the tracer.
+        # Compute the new view out of place, then give it to the tracer.
         rule, inplace = BATCH_RULES.get(counterpart), _METADATA
     plan = _PLANS[id(op)] = (rule, inplace, bool(op._schema.returns), is_random_op(op))
     return plan
