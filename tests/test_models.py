@@ -69,3 +69,54 @@ def test_model_outputs_differentiable_by_autograd():
     ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+# -- per-sample gradients (vmap over grad) against a loop of torch.autograd ----
+
+
+def _functional_loss(model):
+    names = [n for n, _ in model.named_parameters()]
+
+    def loss(params, x, y):
+        # A functional call written out by hand (functional_call is the nn
+        # issue's): temporarily swap the parameters in.
+        saved = {n: p for n, p in model.named_parameters()}
+        try:
+            for n, p in zip(names, params):
+                _set(model, n, p)
+            out = model(x.unsqueeze(0))
+        finally:
+            for n in names:
+                _set(model, n, saved[n])
+        return F.cross_entropy(out, y.unsqueeze(0))
+
+    return loss, [p.detach() for _, p in model.named_parameters()]
+
+
+def _set(module, dotted, value):
+    *path, leaf = dotted.split(".")
+    for part in path:
+        module = getattr(module, part)
+    module._parameters[leaf] = value
+
+
+@pytest.mark.parametrize("make", [mlp, CNN], ids=["mlp", "cnn"])
+def test_per_sample_gradients(make):
+    from torchxform import grad, vmap
+    from tests.harness import assert_close
+
+    torch.manual_seed(0)
+    model = make().double().eval()
+    loss, params = _functional_loss(model)
+    if make is mlp:
+        xs, ys = torch.randn(6, 20, dtype=torch.float64), torch.randint(0, 5, (6,))
+    else:
+        xs, ys = torch.randn(4, 3, 12, 12, dtype=torch.float64), torch.randint(0, 10, (4,))
+    with no_fallback():
+        got = vmap(grad(loss), in_dims=(None, 0, 0))(params, xs, ys)
+    expected = []
+    for x, y in zip(xs, ys):
+        leaves = [p.clone().requires_grad_() for p in params]
+        expected.append(torch.autograd.grad(loss(leaves, x, y), leaves))
+    expected = [torch.stack(column) for column in zip(*expected)]
+    assert_close(got, expected)

@@ -186,15 +186,17 @@ def dispatch_keys_restored():
 
 
 def _needs_keys(v) -> bool:
+    # Complex values, not only lazy conj views: kernels may build conj views
+    # internally (linalg_pinv does), which the excluded key would leave raw.
     return isinstance(v, torch.Tensor) and (
-        (v.requires_grad and not isinstance(v, Tracer)) or v.is_conj() or v.is_neg()
+        (v.requires_grad and not isinstance(v, Tracer)) or v.is_complex() or v.is_neg()
     )
 
 
 def needs_dispatch_keys(values) -> bool:
     """Whether a rule over ``values`` (or inside a list among them) must run
     under :func:`dispatch_keys_restored`: a plain tensor requires grad, or a
-    tensor is a lazy conjugate/negative view."""
+    tensor is complex or a lazy negative view."""
     for v in values:
         if type(v) is list or type(v) is tuple:
             for w in v:

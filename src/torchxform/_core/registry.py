@@ -19,7 +19,10 @@ with several outputs, None where an output got none), any of the op's
 schema argument names (their forward values), ``result`` (the forward
 output(s)), ``needs`` (per positional argument: is its gradient wanted),
 ``inputs_meta`` (per positional argument: ``(shape, dtype, device)`` of a
-tensor, a tuple of those for a ``Tensor[]``, else None) and ``op``.  A VJP rule returns one entry per positional argument of the op (a
+tensor, a tuple of those for a ``Tensor[]``, else None), ``op``, and
+``kwarg_needs`` (``{name: True}`` for keyword-only tensors being
+differentiated; a rule that names it returns a dict ``{name: grad}`` as its
+last element, after the positional entries).  A VJP rule returns one entry per positional argument of the op (a
 list for a ``Tensor[]`` argument; None for no gradient; a shorter tuple
 means None for the rest).
 """
@@ -198,7 +201,7 @@ def batching_coverage(op: OpOverload) -> str:
 def vjp_coverage(op: OpOverload) -> str:
     """How grad/vjp handle ``op``: 'rule', 'nondifferentiable',
     'decomposition' or 'missing' (an error if a derivative is needed)."""
-    if op in VJP_RULES:
+    if op in VJP_RULES:  # a rule wins over a nondifferentiable mark
         return "rule"
     if op in NONDIFFERENTIABLE:
         return "nondifferentiable"

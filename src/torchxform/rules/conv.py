@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .._core.registry import register_batching
+from .._core.registry import register_batching, register_vjp
 from ._batching import batch_size, logical_rank, move_bdim_to_front, raise_as_eager
 from .pooling import _channels_to_front, _fold, _materialize, _unfold
 
@@ -153,3 +153,56 @@ def convolution_backward_batch(bdims, grad_output, x, weight, bias_sizes, *conv_
     if grad_bias is not None:
         grad_bias = grad_bias.unflatten(0, (batch, -1))
     return (grad_input, grad_weight, grad_bias), (1, 0, 0)
+
+
+# ==========================================================================
+# Derivatives.  A convolution is bilinear in (input, weight): its VJP is
+# convolution_backward (one kernel for all three gradients), and the VJP of
+# convolution_backward is made of convolutions and convolution_backward
+# again, so every order of derivative and vmap over each reuse the rules
+# above.
+# ==========================================================================
+
+
+@register_vjp(aten.convolution.default, aten._convolution.default)
+def convolution_vjp(grad, input, weight, needs, inputs_meta, stride, padding, dilation, transposed,
+                    output_padding, groups):
+    bias_meta = inputs_meta[2]
+    mask = [needs[0], needs[1], bias_meta is not None and needs[2]]
+    return aten.convolution_backward.default(
+        grad, input, weight, None if bias_meta is None else list(bias_meta[0]), stride, padding, dilation,
+        transposed, output_padding, groups, mask,
+    )
+
+
+@register_vjp(aten.convolution_backward.default)
+def convolution_backward_vjp(grad, grad_output, input, weight, needs, stride, padding, dilation, transposed,
+                             output_padding, groups):
+    """convolution_backward maps grad_output to (L_w^T g, L_x^T g, sum g),
+    where L_w = conv(., w) and L_x = conv(x, .).  So, for the cotangents
+    (gg_input, gg_weight, gg_bias) of its outputs:
+
+        d grad_output = conv(gg_input, w) + conv(x, gg_weight) + gg_bias
+        d input       = L_{gg_weight}^T grad_output   (convolution_backward's grad_input with gg_weight)
+        d weight      = L_{gg_input}^T grad_output    (convolution_backward's grad_weight of gg_input)
+    """
+    gg_input, gg_weight, gg_bias = grad
+    rest = (stride, padding, dilation, transposed, output_padding, groups)
+    d_grad_output = d_input = d_weight = None
+    if needs[0]:
+        terms = []
+        if gg_input is not None:
+            terms.append(aten.convolution.default(gg_input, weight, None, *rest))
+        if gg_weight is not None:
+            terms.append(aten.convolution.default(input, gg_weight, None, *rest))
+        if gg_bias is not None:
+            # [O] -> [O, 1, ..., 1] against grad_output [N, O, *S]
+            bias = gg_bias.view((-1,) + (1,) * (grad_output.dim() - 2))
+            terms.append(bias.expand(grad_output.shape).contiguous() if not terms else bias)
+        for term in terms:
+            d_grad_output = term if d_grad_output is None else d_grad_output + term
+    if needs[1] and gg_weight is not None:
+        d_input = aten.convolution_backward.default(grad_output, input, gg_weight, None, *rest, [True, False, False])[0]
+    if needs[2] and gg_input is not None:
+        d_weight = aten.convolution_backward.default(grad_output, gg_input, weight, None, *rest, [False, True, False])[1]
+    return d_grad_output, d_input, d_weight

@@ -342,8 +342,12 @@ def elementwise_vjp(partials: Callable, *, conjugate: bool = True) -> Callable:
             if d is None or not need or meta is None:
                 grads.append(None)
                 continue
-            if conjugate and isinstance(d, Tensor) and d.is_complex():
-                d = d.conj()
+            if conjugate:
+                if isinstance(d, Tensor):
+                    if d.is_complex():
+                        d = d.conj()
+                elif isinstance(d, complex):
+                    d = d.conjugate()
             grads.append(reduce_to(grad * d, meta))
         return tuple(grads)
 
@@ -391,12 +395,13 @@ derivative([aten.rsub.Scalar], lambda alpha=1: (-alpha,))
 derivative([aten.neg.default], lambda: (-1,))
 derivative([aten.mul.Tensor], lambda self, other: (other, self))
 derivative([aten.mul.Scalar], lambda other: (other,))
-derivative([aten.div.Tensor], lambda self, other: (other.reciprocal(), -self / (other * other)))
+# `other` may be a Python number (`x / 2.0` reaches div.Tensor).
+derivative([aten.div.Tensor], lambda self, other: (1 / other, -self / (other * other)))
 derivative([aten.div.Scalar], lambda other: (1.0 / other,))
 derivative(
     [aten.div.Tensor_mode],
     lambda self, other, rounding_mode=None: (
-        (other.reciprocal(), -self / (other * other)) if rounding_mode is None else (None, None)
+        (1 / other, -self / (other * other)) if rounding_mode is None else (None, None)
     ),
 )
 derivative([aten.div.Scalar_mode], lambda other, rounding_mode=None: (1.0 / other if rounding_mode is None else None,))
@@ -570,7 +575,85 @@ derivative([aten.polygamma.default], lambda n, self: (None, torch.polygamma(n + 
 derivative([aten.mvlgamma.default], lambda self, p: (sum((self - i / 2).digamma() for i in range(p)),))
 derivative([aten.i0.default], lambda self: (torch.special.i1(self),))
 derivative([aten.special_i0e.default], lambda self, result: (torch.special.i1e(self) - self.sgn() * result,))
+derivative(
+    [aten.special_i1.default],
+    lambda self, result: (torch.where(self == 0, 0.5, torch.special.i0(self) - result / self),),
+)
+derivative(
+    [aten.special_i1e.default],
+    lambda self, result: (torch.where(self == 0, 0.5, torch.special.i0e(self) - result * (self.sgn() + 1 / self)),),
+)
+derivative([aten.special_ndtri.default], lambda result: (math.sqrt(2 * math.pi) * (0.5 * result * result).exp(),))
+derivative(
+    [aten.special_log_ndtr.default],
+    lambda self, result: ((-0.5 * self * self - result).exp() / math.sqrt(2 * math.pi),),
+)
+derivative([aten.special_erfcx.default], lambda self, result: (2 * self * result - _TWO_OVER_SQRT_PI,))
+derivative([aten.special_entr.default], lambda self: (-(1 + self.log()),))
 derivative([aten.abs.default], lambda self: (self.sgn(),), conjugate=False)
+
+
+# -- complex plumbing: conjugation and real/complex views ----------------------
+
+
+@register_vjp(aten._conj.default, *overloads(aten.conj, "default"))
+def conj_vjp(grad):
+    return (grad.conj(),)
+
+
+@register_vjp(*overloads(aten._conj_physical, "default"), aten.conj_physical.default, aten.conj_physical_.default)
+def conj_physical_vjp(grad):
+    return (grad.conj_physical(),)
+
+
+@register_vjp(*overloads(aten._neg_view, "default"))
+def neg_view_vjp(grad):
+    return (-grad,)
+
+
+@register_vjp(*overloads(aten.resolve_conj, "default"), *overloads(aten.resolve_neg, "default"))
+def resolve_vjp(grad):
+    return (grad,)
+
+
+@register_vjp(aten.view_as_real.default)
+def view_as_real_vjp(grad):
+    return (torch.view_as_complex(grad.contiguous()),)
+
+
+@register_vjp(aten.view_as_complex.default)
+def view_as_complex_vjp(grad):
+    return (torch.view_as_real(grad.contiguous().resolve_conj()),)
+
+
+@register_vjp(aten.complex.default)
+def complex_vjp(grad):
+    return (grad.real, grad.imag)
+
+
+@register_vjp(aten.polar.default)
+def polar_vjp(grad, result):
+    conj = grad.conj()
+    return ((conj * result.sgn()).real, (conj * result * 1j).real)
+
+
+@register_vjp(aten.angle.default)
+def angle_vjp(grad, self):
+    if not self.is_complex():
+        return (None,)  # the angle of a real number is piecewise constant
+    return (torch.where(self == 0, 0.0, grad * self / (self.abs() ** 2) * 1j),)
+
+
+@register_vjp(aten.sgn.default, aten.sgn_.default)
+def sgn_vjp(grad, self, result):
+    """Zero for real inputs (sign).  For complex z, sgn(z) = z/|z| is not
+    holomorphic: derivatives.yaml's sgn_backward,
+    (g - Re(g * conj(sgn)) * sgn) / |z|, and 0 at z = 0."""
+    if not self.is_complex():
+        return (None,)
+    magnitude = self.abs()
+    tangential = (grad - (grad * result.conj()).real * result) / magnitude
+    return (torch.where(magnitude == 0, 0.0, tangential),)
 derivative([aten.sigmoid.default], lambda result: (result * (1 - result),))
 
 # -- activations ------------------------------------------------------------------

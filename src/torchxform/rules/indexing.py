@@ -894,3 +894,340 @@ def view_scatter_batch(op, bdims, x, src, *args):
 
 
 register_batching_each(_VIEW_SCATTERS, view_scatter_batch)
+
+
+# ==========================================================================
+# Derivatives (formulas from derivatives.yaml).  Reading at positions and
+# writing at them are each other's transposes: the VJP of a read (index,
+# index_select, gather, take, masked_select, embedding) accumulates the
+# cotangent into zeros at the positions read; the VJP of a write gathers the
+# cotangent back for the written source and zeroes the overwritten positions
+# of self.  Rules use the forward ops of this family, whose VJP rules below
+# serve each other's second order and whose batching rules above vmap them.
+# Integer indices and masks get no gradient.
+# ==========================================================================
+
+from .._core.registry import register_nondifferentiable, register_vjp
+from .elementwise import reduce_to
+
+
+class _Scattered:
+    """The positions that scatter/gather's ``index`` addresses along ``dim``:
+    element ``i`` of a source goes to ``index[i]`` along ``dim``."""
+
+    def __init__(self, dim, index):
+        self.dim, self.index = dim, index
+
+    def take(self, t):
+        return t.gather(self.dim, self.index)
+
+    def add(self, base, t):
+        return base.scatter_add(self.dim, self.index, t)
+
+    def zero(self, t):
+        return t.scatter(self.dim, self.index, 0)
+
+    def reduce(self, base, source, reduce, include_self):
+        return base.scatter_reduce(self.dim, self.index, source, reduce, include_self=include_self)
+
+    def used(self, source):
+        """The part of ``source`` the op reads: a source may be larger than
+        index, its other elements are ignored."""
+        for d, size in enumerate(self.index.shape):
+            if source.shape[d] != size:
+                source = source.narrow(d, 0, size)
+        return source
+
+    def source_grad(self, g, meta):
+        """``g`` (index-shaped) as the gradient of a source of ``meta``: zero
+        where the source was not read."""
+        if g.shape == meta[0]:
+            return g
+        out = g.new_zeros(meta[0])
+        region = out
+        for d, size in enumerate(g.shape):
+            region = region.narrow(d, 0, size)
+        region.copy_(g)
+        return out
+
+
+class _Selected(_Scattered):
+    """The slices along ``dim`` that the index_* ops address: slice ``i`` of a
+    source goes to slice ``index[i]``."""
+
+    def __init__(self, dim, index, source_meta):
+        super().__init__(dim, index)
+        self.source_shape = source_meta[0]
+
+    def take(self, t):
+        # A 0-dim source of a 0-dim self (one-element index): reshape.
+        out = t.index_select(self.dim, self.index)
+        return out if out.shape == self.source_shape else out.reshape(self.source_shape)
+
+    def add(self, base, t):
+        return base.index_add(self.dim, self.index, t)
+
+    def zero(self, t):
+        return t.index_fill(self.dim, self.index, 0)
+
+    def reduce(self, base, source, reduce, include_self):
+        return base.index_reduce(self.dim, self.index, source, reduce, include_self=include_self)
+
+    def used(self, source):
+        return source
+
+    def source_grad(self, g, meta):
+        return g
+
+
+# -- reads: index, index_select, gather, take, masked_select, embedding ---------
+
+
+@register_vjp(aten.index.Tensor, *overloads(aten._unsafe_index, "Tensor"))
+def index_vjp(grad, inputs_meta, indices):
+    return (aten.index_put.default(grad.new_zeros(inputs_meta[0][0]), indices, grad, True),)
+
+
+@register_vjp(aten.index_select.default)
+def index_select_vjp(grad, inputs_meta, dim, index):
+    return (grad.new_zeros(inputs_meta[0][0]).index_add(dim, index, grad),)
+
+
+@register_vjp(aten.gather.default)
+def gather_vjp(grad, inputs_meta, dim, index):
+    # sparse_grad=True still gets a dense gradient.
+    return (grad.new_zeros(inputs_meta[0][0]).scatter_add(dim, index, grad),)
+
+
+@register_vjp(aten.take.default)
+def take_vjp(grad, inputs_meta, index):
+    return (grad.new_zeros(inputs_meta[0][0]).put(index, grad, accumulate=True),)
+
+
+@register_vjp(aten.masked_select.default)
+def masked_select_vjp(grad, inputs_meta, mask):
+    shape = torch.broadcast_shapes(inputs_meta[0][0], mask.shape)
+    return (reduce_to(grad.new_zeros(shape).masked_scatter(mask, grad), inputs_meta[0]),)
+
+
+@register_vjp(aten.embedding.default)
+def embedding_vjp(grad, inputs_meta, indices, padding_idx=-1, scale_grad_by_freq=False):
+    # sparse=True still gets a dense gradient.
+    num_weights = inputs_meta[0][0][0]
+    return (aten.embedding_dense_backward.default(grad, indices, num_weights, padding_idx, scale_grad_by_freq),)
+
+
+@register_vjp(aten.embedding_dense_backward.default)
+def embedding_dense_backward_vjp(grad, indices, num_weights, padding_idx, scale_grad_by_freq):
+    """The weight gradient is linear in grad_output: row i of the result is
+    row ``indices[i]`` of the cotangent, zero for padding_idx, divided by
+    that index's count with scale_grad_by_freq (torch.autograd's double
+    backward leaves the division out)."""
+    flat = indices.reshape(-1)
+    rows = grad.index_select(0, flat)
+    if padding_idx >= 0:
+        rows = rows.masked_fill((flat == padding_idx).unsqueeze(-1), 0)
+    if scale_grad_by_freq:
+        ones = torch.ones(flat.shape, dtype=grad.dtype, device=grad.device)
+        counts = torch.zeros(num_weights, dtype=grad.dtype, device=grad.device).index_add(0, flat, ones)
+        rows = rows / counts.index_select(0, flat).unsqueeze(-1)
+    return (rows.view(tuple(indices.shape) + (grad.shape[-1],)),)
+
+
+# -- writes: index_put, put, masked_scatter, scatter, index_add/copy/fill --------
+
+
+@register_vjp(
+    aten.index_put.default,
+    aten.index_put_.default,
+    *overloads(aten._unsafe_index_put, "default"),
+    *overloads(aten._index_put_impl, "default"),
+    aten._index_put_impl_.default,
+)
+def index_put_vjp(grad, needs, inputs_meta, indices, accumulate=False):
+    grad_self = grad_values = None
+    if needs[0]:
+        grad_self = grad if accumulate else aten.index_put.default(grad, indices, grad.new_zeros(()), False)
+    if needs[2]:
+        grad_values = reduce_to(aten.index.Tensor(grad, indices), inputs_meta[2])
+    return grad_self, None, grad_values
+
+
+@register_vjp(aten.put.default, aten.put_.default)
+def put_vjp(grad, needs, inputs_meta, index, accumulate=False):
+    grad_self = grad_source = None
+    if needs[0]:
+        grad_self = grad if accumulate else grad.put(index, grad.new_zeros(inputs_meta[2][0]))
+    if needs[2]:
+        grad_source = grad.take(index).reshape(inputs_meta[2][0])
+    return grad_self, None, grad_source
+
+
+@register_vjp(aten.masked_scatter.default, aten.masked_scatter_.default)
+def masked_scatter_vjp(grad, needs, inputs_meta, mask):
+    grad_self = grad_source = None
+    if needs[0]:
+        grad_self = reduce_to(grad.masked_fill(mask, 0), inputs_meta[0])
+    if needs[2]:
+        grad_source = aten.masked_scatter_backward.default(grad, mask, inputs_meta[2][0])
+    return grad_self, None, grad_source
+
+
+@register_vjp(*overloads(aten.masked_scatter_backward, "default"))
+def masked_scatter_backward_vjp(grad, inputs_meta, mask):
+    return (grad.new_zeros(inputs_meta[0][0]).masked_scatter(mask, grad),)
+
+
+def _write_vjp(positions, grad, needs, inputs_meta, *, accumulate, alpha=1):
+    """Ops writing a source (position 3) at ``positions`` of self: self's
+    gradient is grad (accumulated) or grad with the written positions zeroed
+    (overwritten); the source's is grad read back at those positions."""
+    grad_self = grad_source = None
+    if needs[0]:
+        grad_self = grad if accumulate else positions.zero(grad)
+    if needs[3]:
+        grad_source = positions.source_grad(positions.take(grad), inputs_meta[3])
+        if alpha != 1:
+            grad_source = grad_source * alpha
+    return grad_self, None, None, grad_source
+
+
+@register_vjp(*overloads(aten.scatter, "src", "value"), *overloads(aten.scatter_, "src", "value"))
+def scatter_vjp(grad, needs, inputs_meta, dim, index):
+    return _write_vjp(_Scattered(dim, index), grad, needs, inputs_meta, accumulate=False)
+
+
+@register_vjp(aten.scatter_add.default, aten.scatter_add_.default)
+def scatter_add_vjp(grad, needs, inputs_meta, dim, index):
+    return _write_vjp(_Scattered(dim, index), grad, needs, inputs_meta, accumulate=True)
+
+
+@register_vjp(*overloads(aten.index_add, "default"), *overloads(aten.index_add_, "default"))
+def index_add_vjp(grad, needs, inputs_meta, dim, index, alpha=1):
+    positions = _Selected(dim, index, inputs_meta[3])
+    return _write_vjp(positions, grad, needs, inputs_meta, accumulate=True, alpha=alpha)
+
+
+@register_vjp(*overloads(aten.index_copy, "default"), *overloads(aten.index_copy_, "default"))
+def index_copy_vjp(grad, needs, inputs_meta, dim, index):
+    return _write_vjp(_Selected(dim, index, inputs_meta[3]), grad, needs, inputs_meta, accumulate=False)
+
+
+@register_vjp(
+    *overloads(aten.index_fill, "int_Scalar", "int_Tensor"), *overloads(aten.index_fill_, "int_Scalar", "int_Tensor")
+)
+def index_fill_vjp(grad, needs, inputs_meta, dim, index):
+    grad_self = grad.index_fill(dim, index, 0)
+    grad_value = None
+    if needs[3]:  # the filled positions, each once (repeated indices fill once)
+        grad_value = reduce_to((grad - grad_self).sum(), inputs_meta[3])
+    return (grad_self if needs[0] else None), None, None, grad_value
+
+
+# -- scatter_reduce / index_reduce ---------------------------------------------------
+
+
+def _prod_source_grad(positions, grad, self, source, result, reduce_again):
+    """d result / d source_j is the product of everything else reduced into
+    source_j's slot.  For a nonzero source that is result / source_j; for a
+    zero one it is the result with the zero sources replaced by 1, times the
+    other zero sources of the slot (1 when it is the only one; the other one
+    when there are two; beyond two, zero with zero derivative).  Written so
+    that the second derivative is exact too (torch.autograd raises for two
+    zeros in one slot)."""
+    is_zero = source == 0
+    zeros_in_slot = positions.take(positions.add(torch.zeros_like(self), is_zero.to(self.dtype)))
+    # The zero sources of the slot, summed: value 0, derivative 1 for each.
+    zero_sum = positions.take(positions.add(torch.zeros_like(self), source * is_zero))
+    others = torch.where(zeros_in_slot == 1, 1.0, torch.where(zeros_in_slot == 2, zero_sum - source, 0.0))
+    without_zeros = positions.take(grad * reduce_again(self, source.masked_fill(is_zero, 1))) * others
+    nonzero = positions.take(grad * result) / source.masked_fill(is_zero, 1)
+    return torch.where(is_zero, without_zeros, nonzero)
+
+
+def _reduce_vjp(positions, grad, needs, self, source, result, reduce, include_self):
+    """FunctionsManual's scatter_reduce_backward / index_reduce_backward."""
+    grad_self = grad_source = None
+    if reduce == "sum":
+        grad_self = grad
+        grad_source = positions.take(grad) if needs[3] else None
+    elif reduce == "mean":
+        initial = torch.ones_like(self) if include_self else torch.zeros_like(self)
+        counts = positions.add(initial, torch.ones_like(source))
+        grad_self = grad / counts.clamp(min=1)
+        grad_source = positions.take(grad_self) if needs[3] else None
+    elif reduce in ("amax", "amin"):
+        # Ties share the cotangent evenly.
+        self_is = (self == result).to(grad.dtype)
+        source_is = (source == positions.take(result)).to(grad.dtype)
+        distributed = grad / positions.add(self_is, source_is)
+        grad_self = self_is * distributed
+        grad_source = source_is * positions.take(distributed) if needs[3] else None
+    elif reduce == "prod":
+
+        def reduce_again(base, values):
+            return positions.reduce(base, values, reduce, include_self)
+
+        if needs[0]:
+            masked_self = self.masked_fill(self == 0, 1)
+            grad_self = grad * reduce_again(masked_self, source) / masked_self
+        if needs[3]:
+            grad_source = _prod_source_grad(positions, grad, self, source, result, reduce_again)
+    if grad_self is not None and not include_self:
+        grad_self = positions.zero(grad_self)
+    return (grad_self if needs[0] else None), None, None, grad_source
+
+
+@register_vjp(*overloads(aten.scatter_reduce, "two"), *overloads(aten.scatter_reduce_, "two"))
+def scatter_reduce_vjp(grad, needs, inputs_meta, self, dim, index, src, reduce, result, include_self=True):
+    positions = _Scattered(dim, index)
+    used = positions.used(src)
+    grad_self, _, _, grad_src = _reduce_vjp(positions, grad, needs, self, used, result, reduce, include_self)
+    if grad_src is not None:
+        grad_src = positions.source_grad(grad_src, inputs_meta[3])
+    return grad_self, None, None, grad_src
+
+
+@register_vjp(*overloads(aten.index_reduce, "default"), *overloads(aten.index_reduce_, "default"))
+def index_reduce_vjp(grad, needs, inputs_meta, self, dim, index, source, reduce, result, include_self=True):
+    positions = _Selected(dim, index, inputs_meta[3])
+    return _reduce_vjp(positions, grad, needs, self, source, result, reduce, include_self)
+
+
+# -- select_scatter / slice_scatter / diagonal_scatter --------------------------
+# self: grad with the view region zeroed; src: the view of grad.
+
+
+def _view_scatter_vjp(scatter, view, grad, needs, inputs_meta, *args):
+    grad_self = scatter(grad, grad.new_zeros(inputs_meta[1][0]), *args) if needs[0] else None
+    grad_src = view(grad, *args) if needs[1] else None
+    return grad_self, grad_src
+
+
+@register_vjp(aten.select_scatter.default)
+def select_scatter_vjp(grad, needs, inputs_meta, dim, index):
+    return _view_scatter_vjp(aten.select_scatter.default, aten.select.int, grad, needs, inputs_meta, dim, index)
+
+
+@register_vjp(aten.slice_scatter.default)
+def slice_scatter_vjp(grad, needs, inputs_meta, dim=0, start=None, end=None, step=1):
+    args = (dim, start, end, step)
+    return _view_scatter_vjp(aten.slice_scatter.default, aten.slice.Tensor, grad, needs, inputs_meta, *args)
+
+
+@register_vjp(aten.diagonal_scatter.default)
+def diagonal_scatter_vjp(grad, needs, inputs_meta, offset=0, dim1=0, dim2=1):
+    args = (offset, dim1, dim2)
+    return _view_scatter_vjp(aten.diagonal_scatter.default, aten.diagonal.default, grad, needs, inputs_meta, *args)
+
+
+# -- integer and boolean outputs --------------------------------------------------
+
+register_nondifferentiable(
+    *overloads(aten.searchsorted, "Tensor", "Scalar"),
+    *overloads(aten.bucketize, "Tensor", "Scalar"),
+    *overloads(aten.isin, "Tensor_Tensor", "Tensor_Scalar", "Scalar_Tensor"),
+    aten.nonzero.default,
+    *overloads(aten.nonzero_static, "default"),
+    aten.argwhere.default,
+)

@@ -11,6 +11,9 @@ Linear-algebra ops that accept leading batch dims share one generic rule:
 move the batch to the front (aligning the other arguments' batch dims) and
 call the op; every output has the batch at 0.  Ops whose arguments pair up
 in special ways (solve's vector right-hand side, lstsq) have their own rules.
+
+Their VJP rules follow the batching rules, at the end of this file (see
+NOTE [Linear algebra derivatives]).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import functools
 
 import torch
 
-from .._core.registry import overloads, register_batching, register_batching_each
+from .._core.registry import overloads, register_batching, register_batching_each, register_vjp
 from ._batching import (
     InvalidArguments,
     batch_size,
@@ -29,7 +32,7 @@ from ._batching import (
     with_eager_errors,
     wrap_dim,
 )
-from .elementwise import elementwise_batch
+from .elementwise import elementwise_batch, reduce_to
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -559,3 +562,784 @@ def _check_errors(bdims, info, api_name, *, is_matrix):
     errors name the "(Batch element i)" that failed, as in torch.func."""
     aten._linalg_check_errors.default(move_bdim_to_front(info, bdims[0]).contiguous(), api_name, is_matrix=False)
     return None, None
+
+
+# ==========================================================================
+# Derivatives.  Formulas from derivatives.yaml and PyTorch's
+# FunctionsManual.cpp, written with torch ops on the values a rule gets, so
+# that they compose with every transform (grad of grad, vmap of grad).
+# NOTE [Linear algebra derivatives]
+# * Adjoints are spelled `_adjoint(x)`: for complex values the conjugate is
+#   materialized (conj_physical), since a lazy conj view made inside a rule
+#   may be read raw below (see NOTE [Autograd inside rules]).
+# * Arguments that broadcast (addmm's self, the batch dims of solve, cross,
+#   lu_solve, ...) get their gradient summed back to their shape (reduce_to).
+# * The LU factors that det, slogdet and solve return are not reused: det's
+#   and slogdet's factor A or A^T depending on A's physical layout (an eager
+#   optimisation a rule cannot see under vmap or nested levels), and none of
+#   them carries a derivative, which second order needs.  Backward factors A
+#   again (lu_factor_ex, or solve on A^H), as torch.autograd does whenever
+#   higher-order gradients are wanted.
+# * Decompositions whose outputs are defined up to a phase or sign (svd, eigh,
+#   eig) differentiate the representative the forward returned, as PyTorch
+#   does; PyTorch's check that a complex loss is phase invariant reads values
+#   (allclose) and is not made here.
+# ==========================================================================
+
+
+def _conj(x):
+    return x.conj_physical() if x.is_complex() else x
+
+
+def _adjoint(x):
+    return _conj(x.mT)
+
+
+def _scaled(t, scalar):
+    """``t`` times the conjugate of a Python scalar (maybe_multiply)."""
+    if scalar == 1:
+        return t
+    return t * (scalar.conjugate() if isinstance(scalar, complex) else scalar)
+
+
+def _eye_like(x, n=None, m=None):
+    """The identity of ``x``'s last dims (or n x m), in x's real dtype."""
+    n = x.shape[-1] if n is None else n
+    return torch.eye(n, n if m is None else m, dtype=x.dtype.to_real(), device=x.device)
+
+
+def _set_diagonal(x, diagonal):
+    """``x`` with its diagonal replaced (out of place, batched-safe)."""
+    return x - torch.diag_embed(x.diagonal(0, -2, -1)) + torch.diag_embed(diagonal)
+
+
+def _tri(x, upper, unitriangular=False):
+    """The triangle a triangular solver reads (its tangent space)."""
+    return x.triu(int(unitriangular)) if upper else x.tril(-int(unitriangular))
+
+
+def _reduced(grad, meta, need=True):
+    return reduce_to(grad, meta) if need and grad is not None else None
+
+
+def _is_vector_rhs(A_shape, B_shape):
+    """linalg_solve_is_vector_rhs: B is a (batch of) vector(s) against A."""
+    return len(B_shape) == 1 or (len(B_shape) == len(A_shape) - 1 and tuple(B_shape) == tuple(A_shape[:-1]))
+
+
+# -- matrix products ------------------------------------------------------------
+# d(a @ b) = da @ b + a @ db: the cotangent of a is grad @ b^H, of b a^H @ grad,
+# each computed only when wanted (per-sample gradients of a linear layer need
+# the weight's alone).
+
+
+def _product_grads(product, grad, a, b, need_a, need_b, alpha=1):
+    """Cotangents of ``a`` and ``b`` in ``alpha * product(a, b)``."""
+    grad_a = _scaled(product(grad, _adjoint(b)), alpha) if need_a else None
+    grad_b = _scaled(product(_adjoint(a), grad), alpha) if need_b else None
+    return grad_a, grad_b
+
+
+@register_vjp(aten.mm.default)
+def mm_vjp(grad, self, mat2, needs):
+    return _product_grads(torch.mm, grad, self, mat2, needs[0], needs[1])
+
+
+@register_vjp(aten.bmm.default)
+def bmm_vjp(grad, self, mat2, needs):
+    return _product_grads(torch.bmm, grad, self, mat2, needs[0], needs[1])
+
+
+@register_vjp(aten.addmm.default, aten.addmm_.default)
+def addmm_vjp(grad, mat1, mat2, needs, inputs_meta, beta=1, alpha=1):
+    return (_reduced(_scaled(grad, beta), inputs_meta[0], needs[0]),
+            *_product_grads(torch.mm, grad, mat1, mat2, needs[1], needs[2], alpha))
+
+
+@register_vjp(aten.baddbmm.default, aten.baddbmm_.default)
+def baddbmm_vjp(grad, batch1, batch2, needs, inputs_meta, beta=1, alpha=1):
+    return (_reduced(_scaled(grad, beta), inputs_meta[0], needs[0]),
+            *_product_grads(torch.bmm, grad, batch1, batch2, needs[1], needs[2], alpha))
+
+
+@register_vjp(aten.addbmm.default, aten.addbmm_.default)
+def addbmm_vjp(grad, batch1, batch2, needs, inputs_meta, beta=1, alpha=1):
+    # sum_b batch1[b] @ batch2[b]: every b sees the same cotangent
+    expanded = grad.unsqueeze(0).expand(batch1.shape[0], *grad.shape)
+    return (_reduced(_scaled(grad, beta), inputs_meta[0], needs[0]),
+            *_product_grads(torch.bmm, expanded, batch1, batch2, needs[1], needs[2], alpha))
+
+
+def _mv_grads(grad, mat, vec, need_mat, need_vec, alpha=1):
+    grad_mat = _scaled(grad.unsqueeze(-1) * _conj(vec), alpha) if need_mat else None  # outer(grad, vec^*)
+    grad_vec = _scaled(torch.mv(_adjoint(mat), grad), alpha) if need_vec else None
+    return grad_mat, grad_vec
+
+
+@register_vjp(aten.mv.default)
+def mv_vjp(grad, self, vec, needs):
+    return _mv_grads(grad, self, vec, needs[0], needs[1])
+
+
+@register_vjp(aten.addmv.default, aten.addmv_.default)
+def addmv_vjp(grad, mat, vec, needs, inputs_meta, beta=1, alpha=1):
+    return (_reduced(_scaled(grad, beta), inputs_meta[0], needs[0]),
+            *_mv_grads(grad, mat, vec, needs[1], needs[2], alpha))
+
+
+@register_vjp(aten.dot.default)
+def dot_vjp(grad, self, tensor, needs):
+    return (grad * _conj(tensor) if needs[0] else None, grad * _conj(self) if needs[1] else None)
+
+
+@register_vjp(aten.vdot.default)
+def vdot_vjp(grad, self, other, needs):
+    return (_conj(grad) * other if needs[0] else None, grad * self if needs[1] else None)
+
+
+@register_vjp(aten.addr.default, aten.addr_.default)
+def addr_vjp(grad, vec1, vec2, needs, inputs_meta, beta=1, alpha=1):
+    # addr promotes like an elementwise op: the products run in grad's dtype
+    # and reduce_to casts back.
+    grad_vec1 = grad_vec2 = None
+    if needs[1]:
+        grad_vec1 = reduce_to(_scaled(torch.mv(grad, _conj(vec2).to(grad.dtype)), alpha), inputs_meta[1])
+    if needs[2]:
+        grad_vec2 = reduce_to(_scaled(torch.mv(grad.mT, _conj(vec1).to(grad.dtype)), alpha), inputs_meta[2])
+    return _reduced(_scaled(grad, beta), inputs_meta[0], needs[0]), grad_vec1, grad_vec2
+
+
+def _flatten_rows(x):
+    """[..., n, k] -> [N, k]: the batch folded into the rows."""
+    return x.reshape(-1, x.shape[-1])
+
+
+@register_vjp(aten.matmul.default)
+def matmul_vjp(grad, self, other, needs):
+    """matmul with numpy semantics: vectors become one-row (left) or
+    one-column (right) matrices, then broadcast batch dims are summed away.
+    A 2-D operand against a batch gets the batch folded into one mm:
+    [B,n,k] @ [k,m]: grad_other = [B*n,k]^H @ [B*n,m]."""
+    a, b, g = self, other, grad
+    if b.dim() == 1:
+        b, g = b.unsqueeze(-1), g.unsqueeze(-1)
+    if a.dim() == 1:
+        a, g = a.unsqueeze(0), g.unsqueeze(-2)
+    grad_a = grad_b = None
+    if needs[0]:
+        if a.dim() == 2 and b.dim() > 2:  # [n,k] @ [B,k,m]: sum_B g_B b_B^H = [n,B*m] @ [B*m,k]
+            grad_a = g.movedim(-2, 0).reshape(g.shape[-2], -1).mm(_conj(_flatten_rows(b)))
+        else:
+            grad_a = torch.matmul(g, _adjoint(b))
+        grad_a = grad_a.sum_to_size(a.shape).reshape(self.shape)
+    if needs[1]:
+        if b.dim() == 2 and a.dim() > 2:
+            grad_b = _adjoint(_flatten_rows(a)).mm(_flatten_rows(g))
+        else:
+            grad_b = torch.matmul(_adjoint(a), g)
+        grad_b = grad_b.sum_to_size(b.shape).reshape(other.shape)
+    return grad_a, grad_b
+
+
+@register_vjp(aten.linear.default)
+def linear_vjp(grad, input, weight, needs, inputs_meta):
+    """input @ weight^T + bias: grad_input = grad @ weight^*, grad_weight =
+    grad^T @ input^* over the flattened batch."""
+    grad_input = grad_weight = grad_bias = None
+    if weight.dim() == 1:  # [..., k] @ [k] -> [...]
+        if needs[0]:
+            grad_input = grad.unsqueeze(-1) * _conj(weight)
+        if needs[1]:
+            grad_weight = (grad.unsqueeze(-1) * _conj(input)).sum_to_size(weight.shape)
+    else:
+        if needs[0]:
+            grad_input = torch.matmul(grad, _conj(weight))
+        if needs[1]:
+            if input.dim() == 1:
+                grad_weight = grad.unsqueeze(-1) * _conj(input)
+            else:
+                grad_weight = _flatten_rows(grad).mT.mm(_conj(_flatten_rows(input)))
+    if len(needs) > 2 and needs[2]:
+        grad_bias = reduce_to(grad, inputs_meta[2])
+    return grad_input, grad_weight, grad_bias
+
+
+@register_vjp(aten._trilinear.default)
+def trilinear_vjp(grad, i1, i2, i3, expand1, expand2, expand3, sumdim, needs):
+    """_trilinear_backward: each input's cotangent is the trilinear product
+    of the cotangent with the other two, the roles of its expanded and summed
+    dims swapped."""
+    trilinear = aten._trilinear.default
+    return (
+        trilinear(grad, i2, i3, sumdim, expand2, expand3, expand1) if needs[0] else None,
+        trilinear(i1, grad, i3, expand1, sumdim, expand3, expand2) if needs[1] else None,
+        trilinear(i1, i2, grad, expand1, expand2, sumdim, expand3) if needs[2] else None,
+    )
+
+
+@register_vjp(aten.trace.default)
+def trace_vjp(grad, inputs_meta):
+    shape = inputs_meta[0][0]
+    return (reduce_to(grad * _eye_like(grad, shape[0], shape[1]), inputs_meta[0]),)
+
+
+@register_vjp(aten.diag_embed.default)
+def diag_embed_vjp(grad, offset=0, dim1=-2, dim2=-1):
+    return (grad.diagonal(offset, dim1, dim2),)
+
+
+@register_vjp(aten.linalg_cross.default)
+def cross_vjp(grad, self, other, needs, inputs_meta, dim=-1):
+    return (
+        _reduced(torch.linalg.cross(_conj(other), grad, dim=dim), inputs_meta[0], needs[0]),
+        _reduced(torch.linalg.cross(grad, _conj(self), dim=dim), inputs_meta[1], needs[1]),
+    )
+
+
+# -- inverses, determinants, solvers ------------------------------------------------
+
+
+@register_vjp(aten.linalg_inv_ex.default)
+def inv_ex_vjp(grad, result):
+    grad_inverse = grad[0]
+    if grad_inverse is None:
+        return (None,)
+    inverse_h = _adjoint(result[0])
+    return (-torch.matmul(inverse_h, torch.matmul(grad_inverse, inverse_h)),)
+
+
+def _solve_adjoint(A, rhs):
+    """A^{-H} rhs from a fresh LU of A (see NOTE [Linear algebra derivatives])."""
+    LU, pivots, _ = torch.linalg.lu_factor_ex(A)
+    return torch.linalg.lu_solve(LU, pivots, rhs, adjoint=True)
+
+
+def _scaled_identity(scale, n):
+    """diag_embed of ``scale`` repeated n times: [..., n, n]."""
+    return torch.diag_embed(scale.unsqueeze(-1).expand(*scale.shape, n))
+
+
+@register_vjp(aten._linalg_det.default)
+def det_vjp(grad, A):
+    """d det = tr(adj(A) dA), so grad_A = grad adj(A)^H = (grad det^*) A^{-H},
+    computed from a fresh LU of A whose exact zero pivots are nudged to eps,
+    det taken from the same nudged factors.  adj is a polynomial in A, so at
+    a singular A this is adj(A) up to O(eps): torch.autograd's create_graph
+    path (an SVD formula) gives the same; its first-order backward gives 0."""
+    grad_det = grad[0]
+    if grad_det is None or A.numel() == 0:
+        return (None,)
+    n = A.shape[-1]
+    LU, pivots, _ = torch.linalg.lu_factor_ex(A)
+    diagonal = LU.diagonal(0, -2, -1)
+    nudge = (diagonal == 0).to(A.dtype.to_real()) * torch.finfo(A.dtype).eps
+    LU = LU + torch.diag_embed(nudge)
+    swaps = (pivots != torch.arange(1, n + 1, dtype=pivots.dtype, device=pivots.device)).sum(-1)
+    det = (diagonal + nudge).prod(-1) * (1 - 2 * (swaps % 2))
+    scale = grad_det * _conj(det)
+    return (torch.linalg.lu_solve(LU, pivots, _scaled_identity(scale, n), adjoint=True),)
+
+
+@register_vjp(aten._linalg_slogdet.default)
+def slogdet_vjp(grad, A, result):
+    """d logabsdet = Re tr(A^{-1} dA); d sign = i sign Im tr(A^{-1} dA):
+    grad_A = (g_logabsdet - i Im(g_sign^* sign)) A^{-H}."""
+    grad_sign, grad_logabsdet = grad[0], grad[1]
+    if A.is_complex():
+        if grad_sign is None and grad_logabsdet is None:
+            return (None,)
+        scale = torch.zeros_like(result[1]) if grad_logabsdet is None else grad_logabsdet
+        if grad_sign is not None:
+            scale = scale - 1j * (_conj(grad_sign) * result[0]).imag
+        scale = scale.to(A.dtype)
+    else:  # the sign of a real matrix is locally constant
+        if grad_logabsdet is None:
+            return (None,)
+        scale = grad_logabsdet
+    return (_solve_adjoint(A, _scaled_identity(scale, A.shape[-1])),)
+
+
+@register_vjp(aten._linalg_solve_ex.default)
+def solve_ex_vjp(grad, A, result, needs, inputs_meta, left=True):
+    """X = A^{-1} B: grad_B = A^{-H} grad_X, grad_A = -grad_B X^H (left=False:
+    X = B A^{-1}, grad_A = -X^H grad_B).  A vector B is solved as a column."""
+    grad_x = grad[0]
+    if grad_x is None:
+        return (None, None)
+    X = result[0]
+    vector = _is_vector_rhs(A.shape, X.shape)
+    if vector:
+        X, grad_x = X.unsqueeze(-1), grad_x.unsqueeze(-1)
+    grad_b = torch.linalg.solve_ex(_adjoint(A), grad_x, left=left)[0]
+    grad_a = None
+    if needs[0]:
+        grad_a = reduce_to(-(grad_b @ _adjoint(X) if left else _adjoint(X) @ grad_b), inputs_meta[0])
+    if needs[1]:
+        grad_b = reduce_to(grad_b.squeeze(-1) if vector else grad_b, inputs_meta[1])
+    return grad_a, grad_b if needs[1] else None
+
+
+@register_vjp(aten.linalg_solve_triangular.default)
+def solve_triangular_vjp(grad, self, result, needs, inputs_meta, upper, left=True, unitriangular=False):
+    """X = A^{-1} B for triangular A: grad_B = A^{-H} grad, grad_A = -grad_B X^H
+    on A's triangle (the tangent space of triangular matrices)."""
+    grad_b = torch.linalg.solve_triangular(
+        _adjoint(self), grad, upper=not upper, left=left, unitriangular=unitriangular
+    )
+    grad_a = None
+    if needs[0]:
+        x_h = _adjoint(result)
+        grad_a = reduce_to(_tri(-(grad_b @ x_h if left else x_h @ grad_b), upper, unitriangular), inputs_meta[0])
+    return grad_a, _reduced(grad_b, inputs_meta[1], needs[1])
+
+
+@register_vjp(aten.triangular_solve.default)
+def triangular_solve_vjp(grad, A, result, needs, inputs_meta, upper=True, transpose=False, unitriangular=False):
+    """triangular_solve(B, A) -> (X, clone of A): as solve_triangular, plus
+    the cloned coefficient's cotangent passed straight to A."""
+    grad_x, grad_clone = grad
+    grad_b = grad_a = None
+    if grad_x is not None:
+        grad_b = torch.triangular_solve(grad_x, _conj(A), upper, not transpose, unitriangular)[0]
+        if needs[1]:
+            x = result[0]
+            grad_a = _tri(-(_conj(x) @ grad_b.mT if transpose else grad_b @ _adjoint(x)), upper, unitriangular)
+    if needs[1] and grad_clone is not None:
+        grad_a = grad_clone if grad_a is None else grad_a + grad_clone
+    return _reduced(grad_b, inputs_meta[0], needs[0]), _reduced(grad_a, inputs_meta[1], needs[1])
+
+
+# -- Cholesky --------------------------------------------------------------------------
+
+
+def _cholesky_backward(grad_l, L, upper):
+    """grad_A = L^{-H} Phi(L^H grad_L) L^{-1}, Phi taking the lower triangle
+    with half the diagonal, symmetrized: the gradient is Hermitian."""
+    if upper:
+        L, grad_l = _adjoint(L), _adjoint(grad_l)
+    L_h = _adjoint(L)
+    phi = (L_h @ grad_l).tril()
+    phi = 0.5 * (phi + _adjoint(phi.tril(-1)))
+    grad_a = torch.linalg.solve_triangular(L_h, phi, upper=True, left=True)
+    return torch.linalg.solve_triangular(L, grad_a, upper=False, left=False)
+
+
+@register_vjp(aten.linalg_cholesky_ex.default)
+def cholesky_ex_vjp(grad, result, upper=False):
+    return (None if grad[0] is None else _cholesky_backward(grad[0], result[0], upper),)
+
+
+@register_vjp(aten.cholesky.default)
+def cholesky_vjp(grad, result, upper=False):
+    return (_cholesky_backward(grad, result, upper),)
+
+
+@register_vjp(aten.cholesky_solve.default)
+def cholesky_solve_vjp(grad, input2, result, needs, inputs_meta, upper=False):
+    """X = (L L^H)^{-1} B: grad_B = (L L^H)^{-1} grad, grad_L = -(S + S^H) L
+    with S = grad_B X^H (upper: -U (S + S^H))."""
+    grad_b = torch.cholesky_solve(grad, input2, upper)
+    grad_factor = None
+    if needs[1]:
+        common = grad_b @ _adjoint(result)
+        common = common + _adjoint(common)
+        grad_factor = reduce_to(-(input2 @ common) if upper else -(common @ input2), inputs_meta[1])
+    return _reduced(grad_b, inputs_meta[0], needs[0]), grad_factor
+
+
+@register_vjp(aten.cholesky_inverse.default)
+def cholesky_inverse_vjp(grad, self, result, upper=False):
+    common = grad + _adjoint(grad)
+    common = result @ common @ result
+    return (-(self @ common) if upper else -(common @ self),)
+
+
+# -- LU ------------------------------------------------------------------------------------
+
+
+def _lu_backward(grad_l, grad_u, P, L, U, pivot):
+    """linalg_lu_backward: A = P L U (L unit lower m x k, U upper k x n).
+    Square: grad_A = P L^{-H} [tril_-1(L^H grad_L) + triu(grad_U U^H)] U^{-H};
+    a wide (tall) A also carries the extra block of U (L) through."""
+    m, n = L.shape[-2], U.shape[-1]
+    k = min(m, n)
+    grad_l = torch.zeros_like(L) if grad_l is None else grad_l
+    grad_u = torch.zeros_like(U) if grad_u is None else grad_u
+    L_h, U_h = _adjoint(L), _adjoint(U)
+    lower = L_h @ grad_l.tril(-1)  # [k, k]
+    upper = grad_u.triu() @ U_h  # [k, k]
+    solve = torch.linalg.solve_triangular
+    if m == n:
+        grad_a = solve(U_h, lower.tril(-1) + upper.triu(), upper=False, left=False)
+        grad_a = solve(L_h, grad_a, upper=True, left=True, unitriangular=True)
+    elif m < n:  # wide: U = [U1 | U2]
+        grad_a = solve(_adjoint(U.narrow(-1, 0, k)), (lower - upper).tril(-1), upper=False, left=False)
+        grad_a = torch.cat([grad_a + grad_u.narrow(-1, 0, k).triu(), grad_u.narrow(-1, k, n - k)], -1)
+        grad_a = solve(L_h, grad_a, upper=True, left=True, unitriangular=True)
+    else:  # tall: L = [L1; L2]
+        grad_a = solve(_adjoint(L.narrow(-2, 0, k)), (upper - lower).triu(), upper=True, left=True, unitriangular=True)
+        grad_a = torch.cat([grad_a + grad_l.narrow(-2, 0, k).tril(-1), grad_l.narrow(-2, k, m - k)], -2)
+        grad_a = solve(U_h, grad_a, upper=False, left=False)
+    return P @ grad_a if pivot else grad_a
+
+
+@register_vjp(aten.linalg_lu.default)
+def lu_vjp(grad, result, pivot=True):
+    _, grad_l, grad_u = grad
+    if grad_l is None and grad_u is None:
+        return (None,)
+    P, L, U = result
+    return (_lu_backward(grad_l, grad_u, P, L, U, pivot),)
+
+
+@register_vjp(aten.linalg_lu_factor_ex.default)
+def lu_factor_ex_vjp(grad, result, pivot=True):
+    """The packed LU's cotangent is L's below the diagonal and U's on and above."""
+    grad_lu = grad[0]
+    if grad_lu is None:
+        return (None,)
+    LU, pivots = result[0], result[1]
+    P, L, U = torch.lu_unpack(LU, pivots, unpack_data=True, unpack_pivots=pivot)
+    k = min(LU.shape[-2], LU.shape[-1])
+    return (_lu_backward(grad_lu.narrow(-1, 0, k), grad_lu.narrow(-2, 0, k), P, L, U, pivot),)
+
+
+def _lu_solve_lu_grad(grad_x, LU, pivots, X, left, adjoint):
+    """linalg_lu_solve_LU: the cotangent of the packed LU of a solve."""
+    P, L, U = torch.lu_unpack(LU, pivots, unpack_data=True, unpack_pivots=left == adjoint)
+    L_h, U_h = _adjoint(L), _adjoint(U)
+    if left != adjoint:
+        # gR = U^{-H} op(-grad_X) op(X)^H;  grad_LU = tril_-1(L^{-H} gR U^H) + triu(gR)
+        rhs = -(grad_x @ _adjoint(X)) if left else -(_adjoint(grad_x) @ X)
+        g_r = torch.linalg.solve_triangular(U_h, rhs, upper=False)
+        g_l = torch.linalg.solve_triangular(L_h, g_r @ U_h, upper=True, left=True, unitriangular=True)
+        return g_l.tril(-1) + g_r.triu()
+    # gR = -P^T op(X) op(grad_X)^H P L^{-H};  grad_LU = tril_-1(gR) + triu(L^H gR U^{-H})
+    g_r = -(P.mT @ (X if left else _adjoint(X)) @ (_adjoint(grad_x) if left else grad_x) @ P)
+    g_r = torch.linalg.solve_triangular(L_h, g_r, upper=True, left=False, unitriangular=True)
+    g_u = torch.linalg.solve_triangular(U_h, L_h @ g_r, upper=False, left=False)
+    return g_r.tril(-1) + g_u.triu()
+
+
+@register_vjp(aten.linalg_lu_solve.default)
+def lu_solve_vjp(grad, LU, pivots, result, needs, inputs_meta, left=True, adjoint=False):
+    grad_lu = grad_b = None
+    if needs[0]:
+        grad_lu = reduce_to(_lu_solve_lu_grad(grad, LU, pivots, result, left, adjoint), inputs_meta[0])
+    if needs[2]:
+        grad_b = reduce_to(torch.linalg.lu_solve(LU, pivots, grad, left=left, adjoint=not adjoint), inputs_meta[2])
+    return grad_lu, None, grad_b
+
+
+@register_vjp(aten.lu_unpack.default)
+def lu_unpack_vjp(grad, inputs_meta, unpack_data=True):
+    """L and U read the packed LU's strict lower and upper triangles; wide or
+    tall LU: U or L also reads the extra block."""
+    _, grad_l, grad_u = grad
+    if not unpack_data or (grad_l is None and grad_u is None):
+        return (None, None)
+    m, n = inputs_meta[0][0][-2:]
+    k = min(m, n)
+    pieces = []
+    if grad_l is not None:
+        lower = grad_l.narrow(-2, 0, k).tril(-1)
+        if m > n:
+            lower = torch.cat([lower, grad_l.narrow(-2, k, m - k)], -2)
+        elif m < n:
+            lower = torch.cat([lower, lower.new_zeros(lower.shape[:-1] + (n - m,))], -1)
+        pieces.append(lower)
+    if grad_u is not None:
+        upper = grad_u.narrow(-1, 0, k).triu()
+        if n > m:
+            upper = torch.cat([upper, grad_u.narrow(-1, k, n - k)], -1)
+        elif n < m:
+            upper = torch.cat([upper, upper.new_zeros(upper.shape[:-2] + (m - n, n))], -2)
+        pieces.append(upper)
+    return (pieces[0] if len(pieces) == 1 else pieces[0] + pieces[1], None)
+
+
+# -- QR and Householder products ----------------------------------------------------------
+
+
+@register_vjp(aten.linalg_qr.default)
+def qr_vjp(grad, result, mode="reduced"):
+    """linalg_qr_backward.  m >= n: grad_A = (grad_Q + Q syminvadj(triu(M)))
+    R^{-H}, M = grad_R R^H - Q^H grad_Q; m < n: the leading square block, then
+    grad_A += Q grad_R."""
+    if mode == "r":
+        raise RuntimeError(
+            "The derivative of linalg.qr depends on Q, which is not computed when mode='r'. Please use "
+            "linalg.qr(A, mode='reduced') if you are going to differentiate through linalg.qr."
+        )
+    grad_q, grad_r = grad
+    Q, R = result
+    m, n = Q.shape[-2], R.shape[-1]
+    if mode == "complete" and m > n:
+        raise RuntimeError("The QR decomposition is not differentiable when mode='complete' and nrows > ncols.")
+    if grad_q is None and grad_r is None:
+        return (None,)
+    if grad_q is None:
+        M = grad_r @ _adjoint(R)
+    elif grad_r is None:
+        M = -(_adjoint(Q) @ grad_q)
+    else:
+        M = grad_r @ _adjoint(R) - _adjoint(Q) @ grad_q
+    if m >= n:
+        upper = M.triu(1)
+        diagonal = M.diagonal(0, -2, -1)
+        # syminvadj(triu(M)) = triu_1 + triu_1^H + Re(diag)
+        sym = upper + _adjoint(upper) + torch.diag_embed(diagonal.real if diagonal.is_complex() else diagonal)
+        grad_a = Q @ sym
+        if grad_q is not None:
+            grad_a = grad_a + grad_q
+        return (torch.linalg.solve_triangular(_adjoint(R), grad_a, upper=False, left=False),)
+    # trilImInvAdjSkew(-M): (X - X^H).tril() with half the (imaginary) diagonal, X = -M
+    skew = -_skew(M).tril(-1)
+    if M.is_complex():
+        skew = skew + torch.diag_embed(-1j * M.diagonal(0, -2, -1).imag)
+    grad_a = torch.linalg.solve_triangular(_adjoint(R.narrow(-1, 0, m)), Q @ skew, upper=False, left=False)
+    grad_a = torch.cat([grad_a, grad_a.new_zeros(grad_a.shape[:-1] + (n - m,))], -1)
+    if grad_r is not None:
+        grad_a = grad_a + Q @ grad_r
+    return (grad_a,)
+
+
+def _reflect(v, t, K, left):
+    """(I - t v v^H) K (left) or K (I - t v v^H); v [..., m, 1], t [..., 1]."""
+    t = t.unsqueeze(-1)
+    if left:
+        return K - (t * v) * (_adjoint(v) @ K)
+    return K - (K @ (t * v)) * _adjoint(v)
+
+
+def _householder_backward(grad, result, input, tau, flip_order=False):
+    """householder_product_backward: Q = H_1 ... H_k with H_i = I - tau_i v_i v_i^H.
+    K_i = H_{i+1..k} Q grad^H H_{1..i-1} is updated by one reflector on each
+    side per step, H_i^{-1} being H_i(sigma_i), sigma = tau / (tau |v|^2 - 1)."""
+    m, n = input.shape[-2], input.shape[-1]
+    k = tau.shape[-1]
+    V = input.tril(-1) + _eye_like(input, m, n).to(input.dtype)
+    first_k = V.narrow(-1, 0, k)
+    sigma = tau / (tau * (first_k * _conj(first_k)).sum(-2) - 1.0)
+    K = result @ _adjoint(grad)
+    order = list(range(k))[::-1] if flip_order else list(range(k))
+
+    def column(x, i):
+        return x.narrow(-1, i, 1)
+
+    K = _reflect(column(V, order[0]), column(sigma, order[0]), K, left=not flip_order)
+    grads_v, grads_tau = [None] * k, [None] * k
+    for step, i in enumerate(order):
+        v, t = column(V, i), column(tau, i)
+        tail = v.narrow(-2, i, m - i)
+        vHK = _adjoint(tail) @ K.narrow(-2, i, m - i)  # [..., 1, m]
+        Kv = K.narrow(-1, i, m - i) @ tail  # [..., m, 1]
+        t_ = t.unsqueeze(-1)
+        grads_v[i] = (_conj(-t_ * vHK).squeeze(-2) - (t_ * Kv).squeeze(-1)).unsqueeze(-1)
+        grads_tau[i] = -_conj(vHK.narrow(-1, i, m - i) @ tail).squeeze(-1)
+        if step + 1 < k:
+            following = order[step + 1]
+            K = _reflect(column(V, following), column(sigma, following), K, left=not flip_order)
+            K = _reflect(v, t, K, left=flip_order)
+    if k < n:
+        grads_v.append(input.new_zeros(input.shape[:-1] + (n - k,)))
+    return torch.cat(grads_v, -1).tril(-1), torch.cat(grads_tau, -1)
+
+
+@register_vjp(aten.linalg_householder_product.default)
+def householder_product_vjp(grad, input, tau, result, needs):
+    if input.numel() == 0 or tau.numel() == 0:
+        return (None, None)
+    grad_input, grad_tau = _householder_backward(grad, result, input, tau)
+    return (grad_input if needs[0] else None, grad_tau if needs[1] else None)
+
+
+@register_vjp(aten.ormqr.default)
+def ormqr_vjp(grad, self, input2, result, needs, left=True, transpose=False):
+    """ormqr(V, tau, C) = op(Q) C or C op(Q): C's cotangent applies the
+    adjoint; V's and tau's come from the Householder backward with the roles
+    of grad and result swapped when Q acts from the other side."""
+    grad_v = grad_tau = grad_c = None
+    if needs[2]:
+        grad_c = torch.ormqr(self, input2, grad, left, not transpose)
+    if (needs[0] or needs[1]) and self.numel() and input2.numel():
+        if left != transpose:
+            pair = (grad, result) if not transpose else (_adjoint(grad), _adjoint(result))
+            grad_v, grad_tau = _householder_backward(*pair, self, input2)
+        else:
+            pair = (_adjoint(result), _adjoint(grad)) if not transpose else (result, grad)
+            grad_v, grad_tau = _householder_backward(*pair, self, input2, flip_order=True)
+    return (grad_v if needs[0] else None, grad_tau if needs[1] else None, grad_c)
+
+
+# -- spectral decompositions ------------------------------------------------------------------
+
+
+def _off_diagonal_gaps(values):
+    """E[j, k] = values[k] - values[j], with 1 on the diagonal (a safe divisor)."""
+    return values.unsqueeze(-2) - values.unsqueeze(-1) + _eye_like(values)
+
+
+def _skew(x):
+    return x - _adjoint(x)
+
+
+def _svd_backward(grad_u, grad_s, grad_vh, U, S, Vh):
+    """svd_backward (reduced U [m,k], S [k], Vh [k,n]): with skew(X) = X - X^H
+    and E the gaps of S^2, grad_A = U [(skew(U^H gU)/E) S + S (skew(V^H gV)/E)
+    + diag(gS)] V^H, plus the parts of gU (m > n) or gV (m < n) outside the
+    span of U or V."""
+    if grad_u is None and grad_s is None and grad_vh is None:
+        return None
+    m, n = U.shape[-2], Vh.shape[-1]
+    if grad_u is None and grad_vh is None:  # singular values only: U diag(gS) V^H
+        return U @ (grad_s.unsqueeze(-1) * Vh) if m >= n else (U * grad_s.unsqueeze(-2)) @ Vh
+    uh_gu = _skew(_adjoint(U) @ grad_u) if grad_u is not None else None
+    vh_gv = _skew(Vh @ _adjoint(grad_vh)) if grad_vh is not None else None
+    gaps = _off_diagonal_gaps(S * S)
+    if uh_gu is not None and vh_gv is not None:
+        inner = (uh_gu * S.unsqueeze(-2) + S.unsqueeze(-1) * vh_gv) / gaps
+    elif uh_gu is not None:
+        inner = (uh_gu / gaps) * S.unsqueeze(-2)
+    else:
+        inner = S.unsqueeze(-1) * (vh_gv / gaps)
+    if grad_s is not None:
+        inner = inner + torch.diag_embed(grad_s)
+    if U.is_complex() and uh_gu is not None and vh_gv is not None:
+        inner = inner + torch.diag_embed(uh_gu.diagonal(0, -2, -1) / (2 * S))
+    if m > n and grad_u is not None:
+        grad_a = U @ inner
+        gu_sinv = grad_u / S.unsqueeze(-2)
+        grad_a = grad_a + gu_sinv - U @ (_adjoint(U) @ gu_sinv)
+        return grad_a @ Vh
+    if m < n and grad_vh is not None:
+        grad_a = inner @ Vh
+        sinv_gvh = grad_vh / S.unsqueeze(-1)
+        grad_a = grad_a + sinv_gvh - (sinv_gvh @ _adjoint(Vh)) @ Vh
+        return U @ grad_a
+    return U @ (inner @ Vh) if m >= n else (U @ inner) @ Vh
+
+
+def _needs_vectors(name, computed):
+    if not computed:
+        raise RuntimeError(
+            f"grad: {name} was called without computing the vectors its derivative needs; call the "
+            f"public API (torch.linalg.svd / svdvals, eigh / eigvalsh), which computes them under grad."
+        )
+
+
+@register_vjp(aten._linalg_svd.default)
+def svd_vjp(grad, result, full_matrices=False, compute_uv=True):
+    grad_u, grad_s, grad_vh = grad
+    if grad_u is None and grad_s is None and grad_vh is None:
+        return (None,)
+    _needs_vectors("_linalg_svd(compute_uv=False)", compute_uv)
+    U, S, Vh = result
+    if full_matrices:  # only the leading k singular vectors are determined
+        k = S.shape[-1]
+        U, Vh = U.narrow(-1, 0, k), Vh.narrow(-2, 0, k)
+        grad_u = None if grad_u is None else grad_u.narrow(-1, 0, k)
+        grad_vh = None if grad_vh is None else grad_vh.narrow(-2, 0, k)
+    return (_svd_backward(grad_u, grad_s, grad_vh, U, S, Vh),)
+
+
+@register_vjp(aten._linalg_eigh.default)
+def eigh_vjp(grad, result, compute_v=True):
+    """A = V diag(L) V^H: grad_A = V [diag(gL) + skew(V^H gV)/2 / E] V^H."""
+    grad_values, grad_vectors = grad
+    if grad_values is None and grad_vectors is None:
+        return (None,)
+    _needs_vectors("_linalg_eigh(compute_v=False)", compute_v)
+    values, V = result
+    if grad_vectors is None:
+        return ((V * grad_values.unsqueeze(-2)) @ _adjoint(V),)
+    vh_gv = _adjoint(V) @ grad_vectors
+    inner = 0.5 * _skew(vh_gv) / _off_diagonal_gaps(values)
+    if grad_values is not None:
+        inner = _set_diagonal(inner, grad_values)
+    return (V @ (inner @ _adjoint(V)),)
+
+
+@register_vjp(aten.linalg_eig.default)
+def eig_vjp(grad, result, inputs_meta):
+    """A = V diag(L) V^{-1}, unit-norm columns: grad_A = V^{-H} [diag(gL) +
+    (V^H gV - V^H V Re diag(V^H gV)) / E^*] V^H (real part for a real A)."""
+    grad_values, grad_vectors = grad
+    if grad_values is None and grad_vectors is None:
+        return (None,)
+    values, V = result
+    V_h = _adjoint(V)
+    if grad_vectors is None:
+        inner_v_h = grad_values.unsqueeze(-1) * V_h
+    else:
+        vh_gv = V_h @ grad_vectors
+        vh_gv = vh_gv - V_h @ (V * vh_gv.diagonal(0, -2, -1).real.unsqueeze(-2))
+        inner = vh_gv / _off_diagonal_gaps(_conj(values))
+        if grad_values is not None:
+            inner = _set_diagonal(inner, grad_values)
+        inner_v_h = inner @ V_h
+    return (reduce_to(torch.linalg.solve(V_h, inner_v_h), inputs_meta[0]),)
+
+
+# -- matrix functions, pseudo-inverse, least squares -------------------------------------------
+
+
+@register_vjp(aten.linalg_matrix_exp.default)
+def matrix_exp_vjp(grad, self):
+    """Mathias' block trick: exp([[A^H, G], [0, A^H]]) holds the adjoint of
+    the differential at A applied to G in its upper-right block."""
+    A = _adjoint(self)
+    n = A.shape[-1]
+    block = torch.cat([torch.cat([A, grad], -1), torch.cat([torch.zeros_like(A), A], -1)], -2)
+    return (torch.linalg.matrix_exp(block).narrow(-2, 0, n).narrow(-1, n, n),)
+
+
+def _pinv_backward(grad, pinv, A):
+    m, n = A.shape[-2], A.shape[-1]
+    pinv_h, grad_h = _adjoint(pinv), _adjoint(grad)
+    if m <= n:
+        K = grad_h @ pinv
+        K_pinv_h = K @ pinv_h
+        return (-_adjoint(pinv @ K) + K_pinv_h - (A @ pinv) @ K_pinv_h
+                + (pinv_h @ pinv) @ (grad_h - K @ A))
+    K = pinv @ grad_h
+    pinv_h_K = pinv_h @ K
+    return (-_adjoint(K @ pinv) + ((grad_h - A @ K) @ pinv) @ pinv_h + pinv_h_K
+            - (pinv_h_K @ pinv) @ A)
+
+
+@register_vjp(aten.linalg_pinv.atol_rtol_tensor)
+def pinv_vjp(grad, self, result):
+    return (_pinv_backward(grad, result, self),)
+
+
+@register_vjp(aten.linalg_lstsq.default)
+def lstsq_vjp(grad, self, b, result, needs, inputs_meta):
+    """X = pinv(A) B: through pinv's backward; the residuals |A X - B|^2 add
+    2 (A X - B) terms (Danskin: X is optimal)."""
+    grad_x, grad_res = grad[0], grad[1]
+    if grad_res is not None and grad_res.numel() == 0:
+        grad_res = None
+    if grad_x is None and grad_res is None:
+        return (None, None)
+    vector = _is_vector_rhs(self.shape, b.shape)
+    B = b.unsqueeze(-1) if vector else b
+    grad_a = grad_b = None
+    if grad_x is not None:
+        grad_x = grad_x.unsqueeze(-1) if vector else grad_x
+        pinv = torch.linalg.pinv(self)
+        if needs[0]:
+            grad_a = _pinv_backward(grad_x @ _adjoint(B), pinv, self)
+        if needs[1]:
+            grad_b = _adjoint(pinv) @ grad_x
+    if grad_res is not None:
+        X = result[0].unsqueeze(-1) if vector else result[0]
+        residual = grad_res.unsqueeze(-2) * (self @ X - B)
+        if needs[0]:
+            term = 2 * residual @ _adjoint(X)
+            grad_a = term if grad_a is None else grad_a + term
+        if needs[1]:
+            grad_b = -2 * residual if grad_b is None else grad_b - 2 * residual
+    if grad_b is not None and vector:
+        grad_b = grad_b.squeeze(-1)
+    return _reduced(grad_a, inputs_meta[0], needs[0]), _reduced(grad_b, inputs_meta[1], needs[1])

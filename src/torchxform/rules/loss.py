@@ -12,12 +12,14 @@ batch in one call, then reduces each example's part: ``[B, ...] -> [B]``.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
-from .._core.registry import overloads, register_batching, register_batching_each
+from .._core.registry import overloads, register_batching, register_batching_each, register_vjp
 from ._batching import batch_size, logical_rank, move_bdim_to_front, raise_as_eager
-from .elementwise import broadcast_batched
-from .pooling import _materialize
+from .elementwise import broadcast_batched, reduce_to
+from .pooling import _like_input, _materialize
 
 aten = torch.ops.aten
 
@@ -172,3 +174,219 @@ def multilabel_margin_loss_batch(bdims, x, target, reduction):
     else:
         loss, is_target = op(x, target, _NONE)
     return (_reduce_per_example(loss, reduction), is_target), 0
+
+
+# ==========================================================================
+# Derivatives.  The pointwise losses are written from their elementwise
+# partial derivatives (so every order and vmap come from the elementwise
+# rules); nll_loss runs its backward kernel, whose own VJP is nll_loss of
+# the cotangent; the margin losses are written with one-hot masks.
+#
+# Where torch declares an argument non-differentiable but the derivative is
+# elementary (binary_cross_entropy's weight, binary_cross_entropy_with_logits'
+# weight and pos_weight, soft_margin_loss's target), it is given; where it
+# is not (nll_loss's and multi_margin_loss's class weights), asking for it
+# raises, rather than returning a silent zero.
+# ==========================================================================
+
+
+def _scaled_by_reduction(grad, like, reduction):
+    """The cotangent of each loss element: ``grad`` for 'none' and 'sum'
+    (a scalar broadcasts), divided by the element count for 'mean'."""
+    if reduction == _MEAN:
+        return grad / max(like.numel(), 1)
+    return grad
+
+
+def pointwise_loss_vjp(partials):
+    """The VJP rule of a pointwise loss from ``partials(needs, ...)``: the
+    derivatives of each (unreduced) loss element with respect to each
+    positional argument whose gradient ``needs`` asks for, with the broadcast
+    shape of the loss (None: not wanted, or not differentiable).  The rule's
+    signature is partials' plus ``grad``, ``inputs_meta`` and ``reduction``,
+    so the tape saves what partials name."""
+
+    def rule(grad, needs, inputs_meta, reduction=_MEAN, **saved):
+        ds = partials(needs, **saved)
+        like = next(d for d in ds if d is not None)
+        scaled = _scaled_by_reduction(grad, like, reduction)
+        return tuple(
+            None if d is None or not need or meta is None else reduce_to(scaled * d, meta)
+            for d, need, meta in zip(ds, needs, inputs_meta)
+        )
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter(name, keyword) for name in ("grad", "needs", "inputs_meta")]
+    params.append(inspect.Parameter("reduction", keyword, default=_MEAN))
+    named = list(inspect.signature(partials).parameters.values())[1:]  # after `needs`
+    params += [p.replace(kind=keyword) for p in named]
+    rule.__signature__ = inspect.Signature(params)
+    rule.__qualname__ = f"pointwise_loss_vjp({partials.__qualname__})"
+    return rule
+
+
+def _wanted(needs, position):
+    return position < len(needs) and needs[position]
+
+
+def _mse_partials(needs, self, target):
+    d = 2 * (self - target)
+    return d, -d if _wanted(needs, 1) else None
+
+
+def _smooth_l1_partials(needs, self, target, beta=1.0):
+    diff = self - target
+    if beta == 0:
+        # The kernel's convention: -1 at diff == 0, for the target too (its
+        # derivative is the kernel called with self and target swapped).
+        d_target = torch.where(diff < 0, 1.0, -1.0).to(diff.dtype) if _wanted(needs, 1) else None
+        return torch.where(diff > 0, 1.0, -1.0).to(diff.dtype), d_target
+    d = (diff / beta).clamp(-1, 1)
+    return d, -d if _wanted(needs, 1) else None
+
+
+def _huber_partials(needs, self, target, delta=1.0):
+    d = (self - target).clamp(-delta, delta)
+    return d, -d if _wanted(needs, 1) else None
+
+
+def _soft_margin_partials(needs, self, target):
+    # loss = log(1 + exp(-t x)):  d/dx = -t sigmoid(-t x), d/dt = -x sigmoid(-t x)
+    s = (-target * self).sigmoid()
+    return -target * s, -self * s if _wanted(needs, 1) else None
+
+
+def _log_sigmoid(x):
+    return -torch.nn.functional.softplus(-x)
+
+
+def _bce_partials(needs, self, target, weight=None):
+    # the kernel's EPSILON keeps d_self finite at 0 and 1
+    d_self = (self - target) / (self * (1 - self)).clamp_min(1e-12) if needs[0] else None
+    d_target = -torch.logit(self) if _wanted(needs, 1) else None
+    d_weight = None
+    if weight is not None:
+        d_self = None if d_self is None else d_self * weight
+        d_target = None if d_target is None else d_target * weight
+        if _wanted(needs, 2):
+            d_weight = aten.binary_cross_entropy.default(self, target, None, _NONE)
+    return d_self, d_target, d_weight
+
+
+def _bce_logits_partials(needs, self, target, weight=None, pos_weight=None):
+    # loss = -w (p t log s(x) + (1 - t) log s(-x)), p = 1 without pos_weight
+    d_self = d_target = d_weight = d_pos_weight = None
+    if needs[0]:
+        sig = self.sigmoid()
+        d_self = sig - target if pos_weight is None else (pos_weight * target + 1 - target) * sig - pos_weight * target
+    if _wanted(needs, 1):
+        d_target = -self if pos_weight is None else _log_sigmoid(-self) - pos_weight * _log_sigmoid(self)
+    if _wanted(needs, 3):
+        d_pos_weight = -target * _log_sigmoid(self)
+    if weight is not None:
+        if _wanted(needs, 2):
+            d_weight = aten.binary_cross_entropy_with_logits.default(self, target, None, pos_weight, _NONE)
+        d_self, d_target, d_pos_weight = (None if d is None else d * weight for d in (d_self, d_target, d_pos_weight))
+    return d_self, d_target, d_weight, d_pos_weight
+
+
+register_vjp(aten.mse_loss.default)(pointwise_loss_vjp(_mse_partials))
+register_vjp(aten.smooth_l1_loss.default)(pointwise_loss_vjp(_smooth_l1_partials))
+register_vjp(aten.huber_loss.default)(pointwise_loss_vjp(_huber_partials))
+register_vjp(aten.soft_margin_loss.default)(pointwise_loss_vjp(_soft_margin_partials))
+register_vjp(aten.binary_cross_entropy.default)(pointwise_loss_vjp(_bce_partials))
+register_vjp(aten.binary_cross_entropy_with_logits.default)(pointwise_loss_vjp(_bce_logits_partials))
+
+
+def _no_class_weight_gradient(op, needs, position):
+    if _wanted(needs, position):
+        raise RuntimeError(
+            f"grad: {op} is not differentiable with respect to its class weights (as in torch.autograd); "
+            f"pass them detached, or compute the loss from its definition if their gradient is wanted."
+        )
+
+
+# -- nll_loss ---------------------------------------------------------------------
+
+
+def _register_nll_loss(forward, backward):
+    @register_vjp(forward)
+    def nll_loss_vjp(grad, inputs_meta, target, weight, reduction, ignore_index, result, needs, op):
+        _no_class_weight_gradient(op, needs, 2)
+        if grad[0] is None:
+            return (None,)
+        like = _like_input(grad[0], inputs_meta[0])  # the kernel reads only its shape
+        return (backward(grad[0], like, target, weight, reduction, ignore_index, result[1]),)
+
+    @register_vjp(backward)
+    def nll_loss_backward_vjp(grad, target, weight, reduction, ignore_index):
+        # linear in grad_output: gI[n, t_n] = -w[t_n] grad_output (/ total_weight)
+        return (forward(grad, target, weight, reduction, ignore_index)[0],)
+
+
+_register_nll_loss(aten.nll_loss_forward.default, aten.nll_loss_backward.default)
+_register_nll_loss(aten.nll_loss2d_forward.default, aten.nll_loss2d_backward.default)
+
+
+# -- margin losses ------------------------------------------------------------------
+
+
+def _rows(x, target):
+    """[N, C] and [N] views of a margin loss's input and target (a [C]
+    input with a [] or [C] target is one row)."""
+    if x.dim() == 1:
+        return x.unsqueeze(0), target.unsqueeze(0)
+    return x, target
+
+
+def _one_hot(index, classes, like):
+    """[*, C] 0/1 mask of ``index`` [*] in ``like``'s dtype."""
+    return (index.unsqueeze(-1) == torch.arange(classes, device=index.device)).to(like.dtype)
+
+
+def _per_row_cotangent(grad, rows, reduction):
+    """The cotangent of each row's loss, [N, 1]."""
+    if reduction == _NONE:
+        return grad.reshape(-1, 1)
+    if reduction == _MEAN:
+        return grad / rows
+    return grad
+
+
+@register_vjp(aten.multi_margin_loss.default)
+def multi_margin_loss_vjp(grad, self, target, needs, p=1, margin=1, weight=None, reduction=_MEAN):
+    """loss_n = sum_{i != y} w_y max(0, margin - x_y + x_i)^p / C:
+    each active i gets w_y p z^(p-1) / C, and x_y minus their sum."""
+    _no_class_weight_gradient(aten.multi_margin_loss.default, needs, 4)
+    x, y = _rows(self, target)
+    classes = x.shape[1]
+    hot = _one_hot(y, classes, x)
+    z = margin - (x * hot).sum(1, keepdim=True) + x
+    active = (z > 0).to(x.dtype) * (1 - hot)
+    d = active if p == 1 else p * z.pow(p - 1) * active
+    if weight is not None:
+        d = d * (hot * weight).sum(1, keepdim=True)
+    d = d * (_per_row_cotangent(grad, x.shape[0], reduction) / classes)
+    d = d - hot * d.sum(1, keepdim=True)
+    return (d.reshape(self.shape),)
+
+
+@register_vjp(aten.multilabel_margin_loss_forward.default)
+def multilabel_margin_loss_vjp(grad, self, target, reduction, result):
+    """loss_n = sum_{j valid} sum_{i not a target} max(0, 1 - x[y_j] + x[i]) / C,
+    where the valid slots j are those before the first -1 of the target row.
+    # pairs [N, slot j, class i]: active where the margin is violated
+    """
+    if grad[0] is None:
+        return (None,)
+    x, y = _rows(self, target)
+    is_target = result[1].reshape(x.shape)
+    classes = x.shape[1]
+    valid = ((y < 0).cumsum(1) == 0).to(x.dtype)  # [N, S]
+    slots = _one_hot(y.clamp_min(0), classes, x) * valid.unsqueeze(-1)  # [N, S, C]
+    x_target = (slots * x.unsqueeze(1)).sum(2, keepdim=True)  # [N, S, 1]
+    margins = 1 - x_target + x.unsqueeze(1)  # [N, S, C]
+    active = (margins > 0).to(x.dtype) * valid.unsqueeze(-1) * (1 - is_target).unsqueeze(1)
+    scale = _per_row_cotangent(grad[0], x.shape[0], reduction) / classes  # [N, 1] or scalar
+    d = active.sum(1) - (slots * active.sum(2, keepdim=True)).sum(1)
+    return ((d * scale).reshape(self.shape),)

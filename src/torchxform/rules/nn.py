@@ -9,12 +9,15 @@ loss.py (losses).
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
 
-from .._core.registry import overloads, register_batching
+from .._core.registry import overloads, register_batching, register_batching_each, register_vjp
 from ._batching import batch_size, front_padded, logical_rank, move_bdim_to_front, raise_as_eager, wrap_dim
-from .elementwise import broadcast_batched
-from .pooling import _channels_to_front, _fold, _materialize, _unfold, register_fold
+from .elementwise import broadcast_batched, reduce_to
+from .pooling import _channels_to_front, _fold, _like_input, _materialize, _unfold, register_fold
 from ..transforms.vmap import RANDOMNESS_ERROR_MESSAGE, current_vmap
 
 aten = torch.ops.aten
@@ -207,3 +210,246 @@ def sdpa_flash_cpu_backward_batch(bdims, *args, attn_mask=None, scale=None, kwar
     mask = _fold_mask(attn_mask, mask_bdim, batch, folded[1].shape[0] // max(batch, 1))
     grads = op(*folded, *options, attn_mask=mask, scale=scale)
     return tuple(_unfold(g, 0, batch) for g in grads), 0
+
+
+# ==========================================================================
+# Derivatives.  Padding and resampling ops are linear: each VJP is the
+# op's backward kernel (or the inverse op), and the backward kernel's own
+# VJP is the forward op on the cotangent, so every order is covered.  The
+# kernels only read the input's shape: rules keep its metadata, and an
+# uninitialized tensor of that shape stands in for it where one is needed.
+# ==========================================================================
+
+
+def _naming_schema_args(rule, op, start):
+    """``rule(grad, inputs_meta, args)`` as a VJP rule of ``op``: it names
+    (so the tape saves) ``op``'s schema arguments from position ``start`` on
+    and receives them, in order, as ``args``."""
+    arguments = op._schema.arguments[start:]
+    names = [a.name for a in arguments]
+
+    def named(grad, inputs_meta, **saved):
+        return rule(grad, inputs_meta, [saved[name] for name in names])
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("grad", keyword), inspect.Parameter("inputs_meta", keyword)]
+    params += [
+        inspect.Parameter(a.name, keyword, default=a.default_value if a.has_default_value() else None)
+        for a in arguments
+    ]
+    named.__signature__ = inspect.Signature(params)
+    named.__qualname__ = rule.__qualname__
+    return named
+
+
+# -- padding --------------------------------------------------------------------
+
+
+@register_vjp(aten.constant_pad_nd.default)
+def constant_pad_vjp(grad, pad):
+    # negative padding crops: the inverse of padding, and padding of cropping
+    return (aten.constant_pad_nd.default(grad, [-p for p in pad]),)
+
+
+def _register_pad(forward, backward, spatial):
+    @register_vjp(forward)
+    def pad_vjp(grad, inputs_meta, padding):
+        return (backward(grad, _like_input(grad, inputs_meta[0]), padding),)
+
+    @register_vjp(backward)
+    def pad_backward_vjp(grad, padding):
+        return (forward(grad, padding),)
+
+    register_fold([backward], spatial, tensors=(1, 0))
+
+
+for _k in (1, 2, 3):
+    for _kind in ("reflection", "replication"):
+        _register_pad(getattr(aten, f"{_kind}_pad{_k}d").default, getattr(aten, f"{_kind}_pad{_k}d_backward").default, _k)
+
+
+# -- resampling -----------------------------------------------------------------
+
+
+def _register_upsample(forward, backward, spatial):
+    """forward(self, output_size, *options) and backward(grad_output,
+    output_size, input_size, *options), with the options named alike."""
+
+    def upsample_vjp(grad, inputs_meta, args):
+        output_size, options = args[0], args[1:]
+        return (backward(grad, output_size, list(inputs_meta[0][0]), *options),)
+
+    def upsample_backward_vjp(grad, inputs_meta, args):
+        output_size, options = args[0], args[1:]
+        return (forward(grad, output_size, *options),)
+
+    register_vjp(forward)(_naming_schema_args(upsample_vjp, forward, 1))
+    register_vjp(backward)(_naming_schema_args(upsample_backward_vjp, forward, 1))
+    register_batching_each([backward], upsample_backward_batch, spatial=spatial)
+
+
+def upsample_backward_batch(op, bdims, grad_output, output_size, input_size, *options, spatial):
+    """grad_output [N, C, *S_out] folds the batch into N; input_size follows.
+    # grad_output [B, N, C, h, w] -> [B*N, C, h, w];  input_size [N, C, H, W] -> [B*N, C, H, W]"""
+    if logical_rank(grad_output, bdims[0]) != spatial + 2:
+        raise_as_eager(op, bdims, (grad_output, output_size, input_size, *options))
+    batch = grad_output.shape[bdims[0]]
+    folded, out_bdim = _fold(grad_output, bdims[0], batch)
+    out = op(folded, output_size, [input_size[0] * batch, *input_size[1:]], *options)
+    return _unfold(out, out_bdim, batch), out_bdim
+
+
+for _k, _names in _UPSAMPLE.items():
+    for _name in _names:
+        _register_upsample(getattr(aten, _name).default, getattr(aten, f"{_name}_backward").default, _k)
+
+
+@register_vjp(aten.pixel_shuffle.default)
+def pixel_shuffle_vjp(grad, upscale_factor):
+    return (aten.pixel_unshuffle.default(grad, upscale_factor),)
+
+
+@register_vjp(aten.pixel_unshuffle.default)
+def pixel_unshuffle_vjp(grad, downscale_factor):
+    return (aten.pixel_shuffle.default(grad, downscale_factor),)
+
+
+@register_vjp(aten.channel_shuffle.default, *overloads(aten.native_channel_shuffle, "default"))
+def channel_shuffle_vjp(grad, op, groups):
+    # shuffling C = g * k channels with g groups is undone with k groups
+    return (op(grad, grad.shape[1] // groups),)
+
+
+@register_vjp(aten.im2col.default)
+def im2col_vjp(grad, inputs_meta, kernel_size, dilation, padding, stride):
+    return (aten.col2im.default(grad, list(inputs_meta[0][0][-2:]), kernel_size, dilation, padding, stride),)
+
+
+@register_vjp(aten.col2im.default)
+def col2im_vjp(grad, kernel_size, dilation, padding, stride):
+    return (aten.im2col.default(grad, kernel_size, dilation, padding, stride),)
+
+
+@register_vjp(aten.affine_grid_generator.default)
+def affine_grid_vjp(grad, size, align_corners):
+    # CompositeImplicit: a bmm of the base grid with grad, differentiable and batchable
+    return (aten.affine_grid_generator_backward.default(grad, size, align_corners),)
+
+
+# -- grid sampling --------------------------------------------------------------
+
+
+@register_vjp(aten.grid_sampler_2d.default, aten.grid_sampler_3d.default)
+def grid_sampler_vjp(grad, op, input, grid, interpolation_mode, padding_mode, align_corners, needs):
+    backward = _GRID_SAMPLER_BACKWARD[op]
+    return backward(grad, input, grid, interpolation_mode, padding_mode, align_corners, [needs[0], needs[1]])
+
+
+_GRID_SAMPLER_BACKWARD = {
+    aten.grid_sampler_2d.default: aten.grid_sampler_2d_backward.default,
+    aten.grid_sampler_3d.default: aten.grid_sampler_3d_backward.default,
+}
+
+
+@register_batching(aten.grid_sampler_2d_backward.default, aten.grid_sampler_3d_backward.default)
+def grid_sampler_backward_batch(op, bdims, grad_output, input, grid, *options):
+    """(grad_output, input, grid) all have N in front: fold the batch into it.
+    # [B, N, C, Ho, Wo], [N, C, H, W], [B, N, Ho, Wo, 2] -> [B*N, ...] each"""
+    rank = 4 if op is aten.grid_sampler_2d_backward.default else 5
+    tensors = (grad_output, input, grid)
+    if any(logical_rank(t, b) != rank for t, b in zip(tensors, bdims)):
+        raise_as_eager(op, bdims, tensors + options)
+    batch = batch_size(tensors, bdims)
+    folded = [_materialize(t, b, batch).flatten(0, 1) for t, b in zip(tensors, bdims)]
+    grads = op(*folded, *options)
+    return tuple(_unfold(g, 0, batch) for g in grads), 0
+
+
+@register_vjp(aten.grid_sampler_2d_backward.default)
+def grid_sampler_2d_backward_vjp(grad, grad_output, input, grid, interpolation_mode, padding_mode, align_corners):
+    """Second order: the VJP of (grad_output, input, grid) -> the first-order
+    VJP of torch._decomp's grid_sampler_2d (the same function the kernel
+    computes), taken by this library's own vjp.  Bilinear and bicubic
+    weights have cross terms in the grid, which this gets for free."""
+    from torch._decomp import decomposition_table
+
+    from ..transforms.reverse import vjp
+
+    sample = decomposition_table[aten.grid_sampler_2d.default]
+
+    def first_order(grad_output, input, grid):
+        _, pullback = vjp(lambda x, g: sample(x, g, interpolation_mode, padding_mode, align_corners), input, grid)
+        return pullback(grad_output)
+
+    cotangents = tuple(torch.zeros_like(like) if g is None else g for g, like in zip(grad, (input, grid)))
+    _, pullback = vjp(first_order, grad_output, input, grid)
+    return pullback(cotangents)
+
+
+# -- activations with parameters ----------------------------------------------------
+
+
+@register_vjp(aten._prelu_kernel.default)
+def prelu_vjp(grad, self, weight, needs, inputs_meta):
+    """prelu(x, w) = x if x > 0 else w x (w broadcast against x)."""
+    positive = self > 0
+    grad_self = torch.where(positive, grad, grad * weight) if needs[0] else None
+    grad_weight = reduce_to(torch.where(positive, 0.0, grad * self), inputs_meta[1]) if needs[1] else None
+    return grad_self, grad_weight
+
+
+@register_vjp(aten.glu.default)
+def glu_vjp(grad, self, dim=-1):
+    return (aten.glu_backward.default(grad, self, dim),)
+
+
+# -- attention ----------------------------------------------------------------------
+
+
+@register_vjp(aten._scaled_dot_product_flash_attention_for_cpu.default)
+def sdpa_flash_cpu_vjp(
+    grad, query, key, value, result, needs, is_causal=False, attn_mask=None, scale=None, kwarg_needs=None
+):
+    """Attention's VJP written with matmuls and elementwise ops, from the
+    probabilities P = exp(S - logsumexp) of the scores S = scale q k^T + mask:
+
+        dv = P^T dout,  dS = P * (dout v^T - rowsum(dout * out)) + P * dlogsumexp,
+        dq = scale dS k,  dk = scale dS^T q
+
+    logsumexp is treated as the differentiable output it is (torch marks it
+    non-differentiable): one level up, this rule's own use of it must carry
+    derivatives.  A float attention mask being differentiated gets dS (it is
+    added to the scaled scores; it is keyword-only, so its gradient goes in
+    the trailing dict).  The CPU kernel rejects dropout, so dropout_p plays
+    no part."""
+    mask_grad = bool(kwarg_needs) and kwarg_needs.get("attn_mask", False)
+    grad_out, grad_lse = grad
+    out, lse = result
+    factor = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    scores = torch.matmul(query, key.transpose(-2, -1)) * factor
+    if is_causal:
+        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~keep, -math.inf)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probs = (scores - lse.unsqueeze(-1)).exp().to(query.dtype)  # logsumexp may be kept in float
+    grad_scores = grad_value = None
+    if grad_out is not None:
+        if needs[2]:
+            grad_value = torch.matmul(probs.transpose(-2, -1), grad_out)
+        grad_probs = torch.matmul(grad_out, value.transpose(-2, -1))
+        grad_scores = probs * (grad_probs - (grad_out * out).sum(-1, keepdim=True))
+    if grad_lse is not None:
+        term = probs * grad_lse.unsqueeze(-1)
+        grad_scores = term if grad_scores is None else grad_scores + term
+    kwarg_grads = {}
+    if grad_scores is None:
+        return (None, None, grad_value, kwarg_grads) if kwarg_needs else (None, None, grad_value)
+    if mask_grad:
+        kwarg_grads["attn_mask"] = grad_scores.sum_to_size(attn_mask.shape)
+    grad_scores = grad_scores * factor
+    grad_query = torch.matmul(grad_scores, key) if needs[0] else None
+    grad_key = torch.matmul(grad_scores.transpose(-2, -1), query) if needs[1] else None
+    if kwarg_needs:
+        return grad_query, grad_key, grad_value, kwarg_grads
+    return grad_query, grad_key, grad_value

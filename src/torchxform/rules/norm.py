@@ -10,11 +10,13 @@ per-channel statistics in one call.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .._core.registry import register_batching, register_batching_each
+from .._core.registry import register_batching, register_batching_each, register_vjp
 from ._batching import batch_size, front_padded, logical_rank, move_bdim_to_front, raise_as_eager
-from .pooling import _channels_to_front, _fold, _materialize, _unfold
+from .pooling import _channels_to_front, _fold, _like_input, _materialize, _unfold
 
 aten = torch.ops.aten
 
@@ -180,3 +182,95 @@ def group_norm_batch(bdims, x, weight, bias, n, channels, hxw, group, eps):
         return results, out_bdim
     out = _affine_after(results[0], out_bdim, rank, rank - 2, w_after, w_bdim, b_after, b_bdim)
     return (out,) + tuple(results[1:]), (0, out_bdim, out_bdim)
+
+
+# ==========================================================================
+# Derivatives.  First order runs each op's backward kernel; higher orders
+# and vmap run the kernels' torch._decomp decompositions (their coverage is
+# "decomposition"), which are ordinary differentiable ops.
+#
+# NOTE [Normalization statistics are differentiable outputs]
+# The saved mean and inverse standard deviation are outputs of the forward
+# op, and the backward kernel reads them.  One level up (second order) the
+# backward's decomposition sends cotangents into them, so the forward's VJP
+# must pass those on to the input (d mean = 1/M, d invstd = -invstd^3 (x -
+# mean) / M over the M elements of each group), or second derivatives would
+# miss every path through the statistics.
+# ==========================================================================
+
+
+def _plus_statistics(grads, grad, needs, input, result, count, stats_shape, grouped_shape=None):
+    """``grads`` (the kernel's, for the output's cotangent) with the input
+    cotangent of the statistics outputs added: d mean = 1/count, d invstd =
+    -invstd^3 (x - mean) / count.  See NOTE [Normalization statistics are
+    differentiable outputs].  Statistics are reshaped to ``stats_shape`` to
+    broadcast against the input (viewed as ``grouped_shape`` if given)."""
+    _, grad_mean, grad_invstd = grad
+    if not needs[0] or (grad_mean is None and grad_invstd is None):
+        return grads
+    x = input if grouped_shape is None else input.reshape(grouped_shape)
+    total = None
+    if grad_mean is not None:
+        total = (grad_mean.reshape(stats_shape) / count).expand(x.shape)
+    if grad_invstd is not None:
+        mean, invstd = result[1].reshape(stats_shape), result[2].reshape(stats_shape)
+        term = -grad_invstd.reshape(stats_shape) * invstd.pow(3) * (x - mean) / count
+        total = term if total is None else total + term
+    total = total.reshape(input.shape).to(input.dtype)  # low-precision inputs keep float statistics
+    return (total if grads[0] is None else grads[0] + total,) + tuple(grads[1:])
+
+
+def _batch_norm_vjp(grad, input, weight, running_mean, running_var, result, training, eps, needs):
+    grads = (None, None, None)
+    if grad[0] is not None:
+        grads = aten.native_batch_norm_backward.default(
+            grad[0], input, weight, running_mean, running_var, result[1], result[2], training, eps,
+            [needs[0], needs[1], needs[2]],
+        )
+    if not training:  # eval mode: the statistics outputs are empty
+        return grads
+    # per-channel statistics: [C] -> [1, C, 1, ...] against input [N, C, *S]
+    count = input.numel() // max(input.shape[1], 1)
+    return _plus_statistics(grads, grad, needs, input, result, count, (1, -1) + (1,) * (input.dim() - 2))
+
+
+@register_vjp(aten.native_batch_norm.default, aten._native_batch_norm_legit.default)
+def batch_norm_vjp(grad, input, weight, running_mean, running_var, training, eps, result, needs):
+    return _batch_norm_vjp(grad, input, weight, running_mean, running_var, result, training, eps, needs)
+
+
+@register_vjp(aten._native_batch_norm_legit.no_stats)
+def batch_norm_no_stats_vjp(grad, input, weight, training, eps, result, needs):
+    return _batch_norm_vjp(grad, input, weight, None, None, result, training, eps, needs)
+
+
+@register_vjp(aten._native_batch_norm_legit_no_training.default)
+def batch_norm_no_training_vjp(grad, input, weight, running_mean, running_var, eps, result, needs):
+    return _batch_norm_vjp(grad, input, weight, running_mean, running_var, result, False, eps, needs)
+
+
+@register_vjp(aten.native_layer_norm.default)
+def layer_norm_vjp(grad, input, normalized_shape, weight, result, needs, inputs_meta):
+    grads = (None, None, None, None)
+    if grad[0] is not None:
+        bias_meta = inputs_meta[3]
+        bias = None if bias_meta is None else _like_input(grad[0], bias_meta)  # only its shape is read
+        g_input, g_weight, g_bias = aten.native_layer_norm_backward.default(
+            grad[0], input, normalized_shape, result[1], result[2], weight, bias, [needs[0], needs[2], needs[3]]
+        )
+        grads = (g_input, None, g_weight, g_bias)
+    # mean and rstd keep the normalized dims as size 1: they broadcast as they are
+    return _plus_statistics(grads, grad, needs, input, result, math.prod(normalized_shape), result[1].shape)
+
+
+@register_vjp(aten.native_group_norm.default)
+def group_norm_vjp(grad, input, weight, N, C, HxW, group, result, needs):
+    grads = (None, None, None)
+    if grad[0] is not None:
+        grads = aten.native_group_norm_backward.default(
+            grad[0].contiguous(), input.contiguous(), result[1], result[2], weight, N, C, HxW, group,
+            [needs[0], needs[1], needs[2]],
+        )
+    # statistics [N, group] -> [N, group, 1] against input [N, group, C/group * HxW]
+    count = (C // group) * HxW
+    return _plus_statistics(grads, grad, needs, input, result, count, (N, group, 1), (N, group, count))

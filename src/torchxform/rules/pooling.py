@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .._core.registry import overloads, register_batching_each
+from .._core.registry import overloads, register_batching_each, register_vjp
 from ._batching import batch_size, logical_rank, move_bdim_to_front, raise_as_eager
 
 aten = torch.ops.aten
@@ -137,3 +137,88 @@ register_fold([aten.max_pool2d_with_indices_backward.default], 2, tensors=(1, 0,
 register_fold([aten.max_pool3d_with_indices_backward.default], 3, tensors=(1, 0, 7))
 register_fold([aten.adaptive_max_pool2d_backward.default], 2, tensors=(1, 0, 2))
 register_fold([aten.adaptive_max_pool3d_backward.default], 3, tensors=(1, 0, 2))
+
+
+# ==========================================================================
+# Derivatives.  Each pooling op's VJP is its backward kernel; the backward
+# ops are linear in grad_output, so their own VJPs (for second order) are the
+# forward pooling of the cotangent (average pooling) or a gather of it at the
+# saved argmax indices (max pooling).  The kernels only read the input's
+# shape, so rules keep its metadata, not the input (an uninitialized tensor
+# of that shape stands in for it).
+# ==========================================================================
+
+
+def _like_input(grad, meta):
+    """A stand-in for an input a backward kernel reads only the shape of."""
+    return grad.new_empty(meta[0])
+
+
+def _gather_at(grad, indices, spatial):
+    """``grad`` read at the argmax ``indices`` of a max pooling
+    (max_pool_double_backward): [N, C, *S] gathered at [N, C, *S_out]."""
+    return grad.flatten(-spatial).gather(-1, indices.flatten(-spatial)).view(indices.shape)
+
+
+# forward op -> (its backward op, spatial dims)
+_BACKWARD = {
+    aten.max_pool2d_with_indices.default: (aten.max_pool2d_with_indices_backward.default, 2),
+    aten.max_pool3d_with_indices.default: (aten.max_pool3d_with_indices_backward.default, 3),
+    aten.adaptive_max_pool2d.default: (aten.adaptive_max_pool2d_backward.default, 2),
+    aten.adaptive_max_pool3d.default: (aten.adaptive_max_pool3d_backward.default, 3),
+    aten.avg_pool2d.default: (aten.avg_pool2d_backward.default, 2),
+    aten.avg_pool3d.default: (aten.avg_pool3d_backward.default, 3),
+    aten._adaptive_avg_pool2d.default: (aten._adaptive_avg_pool2d_backward.default, 2),
+    aten._adaptive_avg_pool3d.default: (aten._adaptive_avg_pool3d_backward.default, 3),
+}
+# backward op -> (its forward op, spatial dims)
+_FORWARD = {backward: (forward, spatial) for forward, (backward, spatial) in _BACKWARD.items()}
+
+
+@register_vjp(aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default)
+def max_pool_vjp(grad, op, inputs_meta, kernel_size, result, stride=(), padding=0, dilation=1, ceil_mode=False):
+    if grad[0] is None:
+        return (None,)
+    backward = _BACKWARD[op][0]
+    like = _like_input(grad[0], inputs_meta[0])
+    return (backward(grad[0], like, kernel_size, stride, padding, dilation, ceil_mode, result[1]),)
+
+
+@register_vjp(aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default)
+def adaptive_max_pool_vjp(grad, op, inputs_meta, result):
+    if grad[0] is None:
+        return (None,)
+    return (_BACKWARD[op][0](grad[0], _like_input(grad[0], inputs_meta[0]), result[1]),)
+
+
+@register_vjp(
+    aten.max_pool2d_with_indices_backward.default,
+    aten.max_pool3d_with_indices_backward.default,
+    aten.adaptive_max_pool2d_backward.default,
+    aten.adaptive_max_pool3d_backward.default,
+)
+def max_pool_backward_vjp(grad, op, indices):
+    return (_gather_at(grad, indices, _FORWARD[op][1]),)
+
+
+@register_vjp(aten.avg_pool2d.default, aten.avg_pool3d.default)
+def avg_pool_vjp(grad, op, inputs_meta, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
+                 divisor_override=None):
+    like = _like_input(grad, inputs_meta[0])
+    return (_BACKWARD[op][0](grad, like, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override),)
+
+
+@register_vjp(aten.avg_pool2d_backward.default, aten.avg_pool3d_backward.default)
+def avg_pool_backward_vjp(grad, op, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    return (_FORWARD[op][0](grad, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override),)
+
+
+@register_vjp(aten._adaptive_avg_pool2d.default, aten._adaptive_avg_pool3d.default)
+def adaptive_avg_pool_vjp(grad, op, inputs_meta):
+    return (_BACKWARD[op][0](grad, _like_input(grad, inputs_meta[0])),)
+
+
+@register_vjp(aten._adaptive_avg_pool2d_backward.default, aten._adaptive_avg_pool3d_backward.default)
+def adaptive_avg_pool_backward_vjp(grad, op, inputs_meta):
+    forward, spatial = _FORWARD[op]
+    return (forward(grad, list(inputs_meta[0][0][-spatial:])),)

@@ -367,6 +367,8 @@ def _unreduce(grad, shape, dim, keepdim):
 
 
 def _count(shape, dim):
+    if len(shape) == 0:
+        return 1
     n = 1
     for d in _reduced_dims(dim, len(shape)):
         n *= shape[d]
@@ -421,17 +423,23 @@ def _product_of_others(x, dim):
     return left * right
 
 
+def _conj(x):
+    """Complex partial derivatives enter VJPs conjugated (holomorphic ops)."""
+    return x.conj() if x.is_complex() else x
+
+
 @register_vjp(aten.prod.default)
 def prod_vjp(grad, self):
     flat = self.reshape(-1)
-    return ((grad * _product_of_others(flat, 0)).reshape(self.shape),)
+    return ((grad * _conj(_product_of_others(flat, 0))).reshape(self.shape),)
 
 
 @register_vjp(aten.prod.dim_int)
 def prod_dim_vjp(grad, self, dim, keepdim=False):
     if self.dim() == 0:
         return (grad.reshape(()),)
-    return (_unreduce(grad, self.shape, dim, keepdim) * _product_of_others(self, wrap_dim(dim, self.dim())),)
+    others = _product_of_others(self, wrap_dim(dim, self.dim()))
+    return (_unreduce(grad, self.shape, dim, keepdim) * _conj(others),)
 
 
 def _evenly_distributed(grad, self, result, dim, keepdim):
@@ -535,7 +543,8 @@ def std_mean_vjp(grad, self, result, dim=None, correction=None, keepdim=False):
 
 @register_vjp(aten.logsumexp.default)
 def logsumexp_vjp(grad, self, result, dim, keepdim=False):
-    return (_unreduce(grad, self.shape, dim, keepdim) * (self - _unreduce(result, self.shape, dim, keepdim)).exp(),)
+    weights = (self - _unreduce(result, self.shape, dim, keepdim)).exp()
+    return (_unreduce(grad, self.shape, dim, keepdim) * _conj(weights),)
 
 
 def _norm_vjp(grad, self, result, p, dim, keepdim):
@@ -597,7 +606,7 @@ def cumprod_vjp(grad, self, dim):
     table = torch.where(upper, x.unsqueeze(-2), torch.ones((), dtype=x.dtype, device=x.device))
     partial = table.cumprod(-1) * upper.logical_or(torch.eye(n, dtype=torch.bool, device=x.device))
     left = torch.cat([torch.ones_like(x[..., :1]), x[..., :-1]], -1).cumprod(-1)  # prod_{i<k}
-    out = left * (partial * g.unsqueeze(-2)).sum(-1)
+    out = _conj(left) * (_conj(partial) * g.unsqueeze(-2)).sum(-1)
     return (out.movedim(-1, dim),)
 
 
@@ -620,8 +629,9 @@ def logcumsumexp_vjp(grad, self, result, dim):
     def reverse_logcumsumexp(t):
         return t.flip(dim).logcumsumexp(dim).flip(dim)
 
-    log_pos = torch.where(grad > 0, grad.abs().log(), -math.inf)
-    log_neg = torch.where(grad < 0, grad.abs().log(), -math.inf)
+    lowest = torch.finfo(grad.dtype).min  # as torch does: -inf would make 0 * inf in second order
+    log_pos = torch.where(grad > 0, grad.abs().log(), lowest)
+    log_neg = torch.where(grad < 0, grad.abs().log(), lowest)
     pos = (reverse_logcumsumexp(log_pos - result) + self).exp()
     neg = (reverse_logcumsumexp(log_neg - result) + self).exp()
     return (pos - neg,)

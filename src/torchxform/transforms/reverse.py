@@ -63,7 +63,8 @@ class Leaf:
 class Node:
     """One recorded op.  ``pullback(cotangents)`` maps the cotangents of
     the outputs (a tuple, None for absent ones) to one cotangent per entry
-    of ``edges`` (each an ``(node, output_index)`` pair or None)."""
+    of ``edges`` (each an ``(node, output_index)`` pair or None).  ``name``:
+    the op (or a description), for error messages."""
 
     __slots__ = ("pullback", "edges", "seq", "n_outputs", "checks", "name")
 
@@ -77,9 +78,14 @@ class Node:
 
 
 def _check_saved(node: Node) -> None:
+    # Each check: (version holder, expected version, description); the
+    # description is a tensor's (shape, dtype) or a string, formatted only
+    # on error (the checks are made per op).
     for holder, expected, what in node.checks:
         current = holder[0] if type(holder) is list else holder._version
         if current != expected:
+            if type(what) is tuple:
+                what = f"{tuple(what[0])} {what[1]}"
             raise RuntimeError(
                 f"one of the variables needed for gradient computation has been modified by an "
                 f"inplace operation: [{what}], which is needed by {node.name}, is at version "
@@ -224,7 +230,16 @@ def _any_differentiable(out) -> bool:
 
 
 class _RulePlan:
-    __slots__ = ("rule", "bindings", "wants_result", "wants_needs", "wants_op", "wants_inputs_meta", "wants_self_before")
+    __slots__ = (
+        "rule",
+        "bindings",
+        "wants_result",
+        "wants_needs",
+        "wants_op",
+        "wants_inputs_meta",
+        "wants_kwarg_needs",
+        "wants_self_before",
+    )
 
     def __init__(self, op, rule) -> None:
         self.rule = rule
@@ -232,7 +247,7 @@ class _RulePlan:
         schema_args = {a.name: (i, a) for i, a in enumerate(op._schema.arguments)}
         bindings = []
         for name in params:
-            if name in ("grad", "result", "needs", "op", "inputs_meta"):
+            if name in ("grad", "result", "needs", "op", "inputs_meta", "kwarg_needs"):
                 continue
             if name not in schema_args:
                 raise TypeError(
@@ -247,6 +262,7 @@ class _RulePlan:
         self.wants_needs = "needs" in params
         self.wants_op = "op" in params
         self.wants_inputs_meta = "inputs_meta" in params
+        self.wants_kwarg_needs = "kwarg_needs" in params
         # In-place ops whose rule needs the input value must save it before
         # the op overwrites it (autograd's "original self").
         self.wants_self_before = mutates_self(op) and any(b[1] == 0 for b in bindings)
@@ -268,7 +284,7 @@ def _plan(op):
         counterpart,
         _is_view_op(op),
         is_random_op(op),
-        op in NONDIFFERENTIABLE,
+        op in NONDIFFERENTIABLE and rule is None,  # a registered rule wins
         len(returns),
         bool(returns) and str(returns[0].type).startswith("List"),
     )
@@ -337,8 +353,11 @@ class GradInterpreter(Interpreter):
                     own = True
                     primals[i], edges[i] = unwrapped
                     tracked = tracked or any(e is not None for e in edges[i])
+        kwarg_edges = None
         if kwargs:
-            kwargs = {k: self._unwrap_kwarg(op, k, v) for k, v in kwargs.items()}
+            kwargs, kwarg_edges = self._unwrap_kwargs(op, kwargs)
+            if kwarg_edges:
+                own = tracked = True
 
         if not own:  # an untracked op claimed at user level: its outputs are constants here
             out = self._lower(op, primals, kwargs)
@@ -378,7 +397,9 @@ class GradInterpreter(Interpreter):
             if rule_plan.wants_result and not inplace and not is_view:
                 # Saved outputs are version-checked too: give them counters now.
                 counters = [[0] for _ in range(max(n_returns, 1))]
-            node = self._record(op, rule_plan, args, primals, kwargs, edges, out, saved_self, n_returns, counters)
+            node = self._record(
+                op, rule_plan, args, primals, kwargs, edges, out, saved_self, n_returns, counters, kwarg_edges
+            )
 
         if metadata_counterpart is not None:
             return self._finish_metadata_inplace(op, args, kwargs, out, node)
@@ -401,15 +422,24 @@ class GradInterpreter(Interpreter):
                 edges.append(None)
         return primals, edges
 
-    def _unwrap_kwarg(self, op, name, value):
-        if type(value) is GradTensor and value._interp is self:
-            if name == "out":
-                raise RuntimeError(
-                    f"grad: {op} writes into an `out=` tensor that this transform tracks; out= "
-                    f"variants are not supported under grad. Use the functional form instead."
-                )
-            return value._primal
-        return value
+    def _unwrap_kwargs(self, op, kwargs):
+        """Keyword-only tensors (e.g. an attention mask): their primals, and
+        the tape edges of the tracked ones."""
+        unwrapped, edges = {}, {}
+        for name, value in kwargs.items():
+            if type(value) is GradTensor and value._interp is self:
+                if name == "out":
+                    raise RuntimeError(
+                        f"grad: {op} writes into an `out=` tensor that this transform tracks; out= "
+                        f"variants are not supported under grad. Use the functional form instead."
+                    )
+                if value._view is not None and value._view.seen != value._view.root._counter[0]:
+                    self._refresh_view(value)
+                if value._node is not None:
+                    edges[name] = (value._node, value._index)
+                value = value._primal
+            unwrapped[name] = value
+        return unwrapped, edges
 
     def _lower(self, op, primals, kwargs, metadata_counterpart=None):
         """Run ``op`` on the primals one level down, with the grad mode this
@@ -435,7 +465,7 @@ class GradInterpreter(Interpreter):
 
     # -- recording ----------------------------------------------------------
 
-    def _record(self, op, rule_plan, args, primals, kwargs, edges, out, saved_self, n_returns, counters):
+    def _record(self, op, rule_plan, args, primals, kwargs, edges, out, saved_self, n_returns, counters, kwarg_edges):
         saved = {}
         checks = []
         for name, position, default in rule_plan.bindings:
@@ -453,10 +483,10 @@ class GradInterpreter(Interpreter):
         if rule_plan.wants_result:
             saved["result"] = out
             if counters is not None:
-                checks.extend((c, 0, f"output {i} of {op}") for i, c in enumerate(counters))
+                checks.extend((c, 0, "an output") for c in counters)
             elif mutates_self(op):
                 target = args[0]
-                checks.append((target._counter, target._counter[0] + 1, f"output of {op}"))
+                checks.append((target._counter, target._counter[0] + 1, "the output"))
         if rule_plan.wants_inputs_meta:
             saved["inputs_meta"] = tuple(_meta(p) for p in primals)
         if rule_plan.wants_needs:
@@ -474,16 +504,35 @@ class GradInterpreter(Interpreter):
             else:
                 layout.append(None)
                 flat_edges.append(e)
-        pullback = functools.partial(_apply_rule, rule_plan.rule, saved, tuple(layout), n_returns > 1)
-        return Node(pullback, tuple(flat_edges), max(n_returns, 1), tuple(checks), str(op))
+        kwarg_names = ()
+        if kwarg_edges:
+            # A keyword-only tensor being differentiated: only rules that take
+            # `kwarg_needs` give it a gradient (as a dict after the positional
+            # entries); anything else would silently drop it.
+            if not rule_plan.wants_kwarg_needs:
+                names = ", ".join(kwarg_edges)
+                raise RuntimeError(
+                    f"grad: the keyword argument(s) {names} of {op} are being differentiated, but its "
+                    f"VJP rule gives no gradient for them. Detach them, or extend the rule "
+                    f"(see `kwarg_needs` in torchxform/_core/registry.py)."
+                )
+            saved["kwarg_needs"] = {name: True for name in kwarg_edges}
+            kwarg_names = tuple(kwarg_edges)
+            flat_edges.extend(kwarg_edges.values())
+        if type(out) is list:  # a Tensor[] output (split, unbind, ...): one node output per element
+            n_outputs, multi_output = len(out), True
+        else:
+            n_outputs, multi_output = max(n_returns, 1), n_returns > 1
+        pullback = functools.partial(_apply_rule, rule_plan.rule, saved, tuple(layout), multi_output, kwarg_names)
+        return Node(pullback, tuple(flat_edges), n_outputs, tuple(checks), op)
 
     def _note_saved(self, arg, value, checks):
         """Remember the version of a saved input so backward can tell if it
         was overwritten in place after being saved."""
         if type(arg) is GradTensor and arg._interp is self:
-            checks.append((arg._counter, arg._counter[0], f"{tuple(arg.shape)} {arg.dtype}"))
+            checks.append((arg._counter, arg._counter[0], (arg.shape, arg.dtype)))
         elif isinstance(value, Tensor) and not isinstance(value, Tracer):
-            checks.append((value, value._version, f"{tuple(value.shape)} {value.dtype}"))
+            checks.append((value, value._version, (value.shape, value.dtype)))
 
     # -- outputs -----------------------------------------------------------
 
@@ -502,10 +551,10 @@ class GradInterpreter(Interpreter):
         return out
 
     def _wrap_one(self, op, args, kwargs, value, node, index, is_view, view_index, counter=None):
-        if node is not None and not _is_differentiable(value):
+        if node is not None and not (value.is_floating_point() or value.is_complex()):
             node = None
-        base = args[0]
-        if is_view and type(base) is GradTensor and base._interp is self:
+        if is_view and type(args[0]) is GradTensor and args[0]._interp is self:
+            base = args[0]
             # A view shares its root's version counter and can be replayed
             # on another tensor of the root's shape.
             view = base._view
@@ -575,9 +624,12 @@ class GradInterpreter(Interpreter):
 aten_clone = torch.ops.aten.clone.default
 
 
-def _apply_rule(rule, saved, layout, multi_output, cotangents):
+def _apply_rule(rule, saved, layout, multi_output, kwarg_names, cotangents):
     grad = cotangents if multi_output else cotangents[0]
     results = rule(grad=grad, **saved)
+    kwarg_grads = None
+    if kwarg_names:
+        *results, kwarg_grads = results
     flat = []
     for position, size in enumerate(layout):
         value = results[position] if position < len(results) else None
@@ -585,6 +637,8 @@ def _apply_rule(rule, saved, layout, multi_output, cotangents):
             flat.append(value)
         else:
             flat.extend(value if value is not None else [None] * size)
+    if kwarg_names:
+        flat.extend(kwarg_grads.get(name) for name in kwarg_names)
     return flat
 
 
@@ -825,12 +879,11 @@ def grad_and_value(func: Callable, argnums: int | tuple = 0, has_aux: bool = Fal
         with _level() as interp:
             positions = _check_argnums(argnums, len(args))
             chosen = (positions,) if isinstance(positions, int) else positions
-            wrapped_args, leaves = [], []
+            wrapped_args, leaves_of = [], {}
             for i, arg in enumerate(args):
-                w, arg_leaves = _wrap_inputs(arg, interp, i in chosen)
+                w, leaves_of[i] = _wrap_inputs(arg, interp, i in chosen)
                 wrapped_args.append(w)
-                if i in chosen:
-                    leaves.append((i, arg_leaves))
+            leaves = [(i, leaves_of[i]) for i in chosen]  # gradients come in argnums order
             wrapped_kwargs, _ = _wrap_inputs(kwargs, interp, False)
             output = func(*wrapped_args, **wrapped_kwargs)
             aux = None

@@ -143,7 +143,7 @@ class VmapInterpreter(Interpreter):
                     bdims[i] = a._bdim
                     a = values[i] = a._value
                     batched = True
-                if a.requires_grad or a.is_conj() or a.is_neg():
+                if a.requires_grad or a.is_complex() or a.is_neg():
                     needs_keys = True  # See NOTE [Autograd inside rules]
             elif type(a) is list or type(a) is tuple:
                 inner = self._unwrap_list(a)
@@ -156,7 +156,7 @@ class VmapInterpreter(Interpreter):
             for v in kwargs.values():
                 if type(v) is BatchedTensor and v._interp is self:
                     return self._batched_kwargs(op, args, kwargs)
-                if isinstance(v, Tensor) and (v.requires_grad or v.is_conj() or v.is_neg()):
+                if isinstance(v, Tensor) and (v.requires_grad or v.is_complex() or v.is_neg()):
                     needs_keys = True
 
         if inplace and batched and bdims[0] is None:
