@@ -151,12 +151,31 @@ _DECOMP_MODULES = ("torch._decomp.decompositions",)
 _DECOMP_CACHE: dict[OpOverload, Callable | None] = {}
 
 
+# torchxform's own decompositions (for ops torch has none usable for).
+DECOMPOSITIONS: dict[OpOverload, Callable] = {}
+
+
+def register_decomposition(*ops: OpOverload):
+    """Decorator: ``fn`` (same signature as the op) decomposes ``ops`` into
+    other ATen ops for every transform without a rule for them."""
+
+    def decorator(fn: Callable) -> Callable:
+        for op in _overloads(ops):
+            DECOMPOSITIONS[op] = fn
+        _DECOMP_CACHE.clear()
+        _changed()
+        return fn
+
+    return decorator
+
+
 def decomposition(op: OpOverload) -> Callable | None:
     """A decomposition of ``op`` into other ATen ops, or None.
 
-    First the op's CompositeImplicitAutograd kernel: such ops normally
-    decompose above ``__torch_dispatch__``, but inside a rule (below
-    autograd) they arrive whole.  Then torch._decomp's Python ones.
+    First torchxform's own (``register_decomposition``), then the op's
+    CompositeImplicitAutograd kernel: such ops normally decompose above
+    ``__torch_dispatch__``, but inside a rule (below autograd) they arrive
+    whole.  Then torch._decomp's Python ones.
     """
     try:
         return _DECOMP_CACHE[op]
@@ -164,6 +183,9 @@ def decomposition(op: OpOverload) -> Callable | None:
         pass
     from torch._decomp import decomposition_table
 
+    if op in DECOMPOSITIONS:
+        _DECOMP_CACHE[op] = DECOMPOSITIONS[op]
+        return DECOMPOSITIONS[op]
     try:
         composite = torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd")
     except RuntimeError:  # TorchScript-only overloads (e.g. aten::__and__.bool) are not dispatcher ops
@@ -223,6 +245,8 @@ __all__ = [
     "KWARG_BATCH_RULES",
     "register_vjp",
     "register_nondifferentiable",
+    "register_decomposition",
+    "DECOMPOSITIONS",
     "vjp_coverage",
     "register_batching",
     "on_rules_changed",

@@ -14,5 +14,6 @@ from . import (  # noqa: F401
     pooling,
     random,
     reduction,
+    rnn,
     view,
 )

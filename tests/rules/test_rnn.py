@@ -1,0 +1,73 @@
+"""Recurrent layers under vmap, grad and vmap(grad), against loops and
+torch.autograd.  float32 nn.LSTM on CPU reaches oneDNN's mkldnn_rnn_layer,
+which torchxform decomposes (rules/rnn.py)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import torchxform
+from tests.harness import assert_close, check_vmap, no_fallback
+
+
+@pytest.mark.parametrize("bidirectional,batch_first", [(False, True), (True, False)])
+def test_lstm_vmap_grad_and_per_example_grad(bidirectional, batch_first):
+    cls = nn.LSTM
+    torch.manual_seed(0)
+    rnn = cls(4, 5, num_layers=2, batch_first=batch_first, bidirectional=bidirectional)
+    x = torch.randn(3, 2, 3, 4)  # [examples, (batch, seq) or (seq, batch), features]
+
+    def f(x):
+        return rnn(x)[0].pow(2).sum()
+
+    with no_fallback():
+        with torch.no_grad():
+            check_vmap(lambda b: rnn(b)[0], x, rtol=1e-5, atol=1e-6)
+        got = torchxform.vmap(torchxform.grad(f))(x)
+    expected = []
+    for example in x:
+        leaf = example.clone().requires_grad_()
+        expected.append(torch.autograd.grad(f(leaf), leaf)[0])
+    assert_close(got, torch.stack(expected), rtol=1e-4, atol=1e-6)
+
+
+def test_lstm_weight_gradients_match_autograd():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4)
+    params = dict(lstm.named_parameters())
+    x = torch.randn(5, 2, 3)
+
+    def loss(p):
+        out, _ = _call(lstm, p, x)
+        return out.tanh().sum()
+
+    with no_fallback():
+        got = torchxform.grad(loss)({k: v.detach() for k, v in params.items()})
+    expected = torch.autograd.grad(lstm(x)[0].tanh().sum(), list(params.values()))
+    assert_close(list(got.values()), list(expected), rtol=1e-4, atol=1e-6)
+
+
+def _call(module, params, x):
+    saved = dict(module._parameters)
+    try:
+        module._parameters.update(params)
+        return module(x)
+    finally:
+        module._parameters.update(saved)
+
+
+@pytest.mark.parametrize("cls", [nn.GRU, nn.RNN])
+def test_gru_rnn_grad(cls):
+    # (vmap over nn.GRU/nn.RNN is the nn issue's: their C++ composite adds a
+    # batched value in place into an unbatched temporary.)
+    torch.manual_seed(0)
+    rnn = cls(4, 5, num_layers=2, bidirectional=True)
+    x = torch.randn(3, 2, 4)
+
+    def f(x):
+        return rnn(x)[0].pow(2).sum()
+
+    with no_fallback():
+        got = torchxform.grad(f)(x)
+    leaf = x.clone().requires_grad_()
+    assert_close(got, torch.autograd.grad(f(leaf), leaf)[0], rtol=1e-4, atol=1e-6)
