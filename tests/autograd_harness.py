@@ -162,6 +162,11 @@ def check_derivatives(fn: Callable, sample: Callable[[], Sequence], *, second_or
 
 
 __all__ = [
+    "reference_jvp",
+    "check_jvp",
+    "check_vmap_jvp",
+    "check_jvp_of_vjp",
+    "check_forward_derivatives",
     "reference_vjp",
     "check_vjp",
     "check_vjp_vjp",
@@ -169,3 +174,122 @@ __all__ = [
     "check_derivatives",
     "split_args",
 ]
+
+
+# --------------------------------------------------------------------------
+# Forward mode: references from torch.autograd.forward_ad
+# --------------------------------------------------------------------------
+
+
+def reference_jvp(fn, args, tangents):
+    """fn's output and its tangent for ``tangents`` (one per differentiable
+    argument), by torch.autograd.forward_ad."""
+    import torch.autograd.forward_ad as fwAD
+
+    positions, merge = split_args(args)
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(args[i], t) for i, t in zip(positions, tangents)]
+        out = fn(*merge(duals))
+        flat, spec = tree_flatten(out)
+        primal = [fwAD.unpack_dual(o).primal if isinstance(o, torch.Tensor) else o for o in flat]
+        tangent = [
+            (fwAD.unpack_dual(o).tangent if fwAD.unpack_dual(o).tangent is not None else torch.zeros_like(o))
+            if isinstance(o, torch.Tensor) and _is_diff(o)
+            else None
+            for o in flat
+        ]
+    return tree_unflatten(primal, spec), tree_unflatten(tangent, spec)
+
+
+def _random_tangents(args):
+    positions, _ = split_args(args)
+    return tuple(torch.randn_like(args[i]) for i in positions)
+
+
+def ours_jvp(fn, args, tangents):
+    positions, merge = split_args(args)
+    return torchxform.jvp(lambda *diff: fn(*merge(diff)), tuple(args[i] for i in positions), tuple(tangents))
+
+
+def check_jvp(fn: Callable, *args, rtol=None, atol=None, msg: str = ""):
+    """jvp(fn) against torch.autograd.forward_ad: output and tangent."""
+    name = msg or getattr(fn, "__name__", "fn")
+    tangents = _random_tangents(args)
+    expected_out, expected_tangent = reference_jvp(fn, args, tangents)
+    actual_out, actual_tangent = ours_jvp(fn, args, tangents)
+    assert_close(actual_out, expected_out, rtol=rtol, atol=atol, msg=f"{name}: jvp output")
+    flat_e, _ = tree_flatten(expected_tangent)
+    flat_a, _ = tree_flatten(actual_tangent)
+    pairs = [(a, e) for a, e in zip(flat_a, flat_e) if e is not None]
+    assert_close([a for a, _ in pairs], [e for _, e in pairs], rtol=rtol, atol=atol, msg=f"{name}: jvp tangent")
+
+
+def check_vmap_jvp(fn: Callable, *args, batch_size: int = 3, rtol=None, atol=None, msg: str = ""):
+    """vmap over jvp with a batch of tangents, against a loop of forward_ad."""
+    name = msg or getattr(fn, "__name__", "fn")
+    positions, merge = split_args(args)
+    batches = [_random_tangents(args) for _ in range(batch_size)]
+    stacked = tuple(torch.stack(column) for column in zip(*batches))
+    primals = tuple(args[i] for i in positions)
+    actual = torchxform.vmap(lambda *ts: torchxform.jvp(lambda *d: fn(*merge(d)), primals, ts)[1])(*stacked)
+    expected = [reference_jvp(fn, args, ts)[1] for ts in batches]
+    flat_expected = [tree_flatten(e)[0] for e in expected]
+    flat_actual, _ = tree_flatten(actual)
+    for j, a in enumerate(flat_actual):
+        column = [f[j] for f in flat_expected]
+        if column[0] is None:
+            continue
+        assert_close(a, torch.stack(column), rtol=rtol, atol=atol, msg=f"{name}: vmap over jvp")
+
+
+def check_jvp_of_vjp(fn: Callable, *args, rtol=None, atol=None, msg: str = ""):
+    """Forward over reverse: the jvp of x -> vjp(fn)(x)(cotangent), a
+    Hessian-vector product, against torch.autograd double backward."""
+    name = msg or getattr(fn, "__name__", "fn")
+    positions, merge = split_args(args)
+    cotangent = _ct(fn, args)
+    tangents = _random_tangents(args)
+    primals = tuple(args[i] for i in positions)
+
+    def pulled(*diff):
+        return torchxform.vjp(lambda *d: fn(*merge(d)), *diff)[1](cotangent)
+
+    _, actual = torchxform.jvp(pulled, primals, tangents)
+    assert_close(tuple(actual), reference_jvp_of_vjp(fn, args, cotangent, tangents), rtol=rtol, atol=atol,
+                 msg=f"{name}: jvp of vjp")
+
+
+def reference_jvp_of_vjp(fn, args, cotangent, tangents):
+    """Forward over reverse by torch: forward-mode AD through
+    torch.autograd.grad(create_graph=True)."""
+    import torch.autograd.forward_ad as fwAD
+
+    positions, merge = split_args(args)
+    with fwAD.dual_level():
+        leaves = [fwAD.make_dual(args[i].detach().clone(), t).requires_grad_() for i, t in zip(positions, tangents)]
+        out = fn(*merge(leaves))
+        pairs = [
+            (o, c) for o, c in zip(tree_flatten(out)[0], tree_flatten(cotangent)[0]) if c is not None and o.requires_grad
+        ]
+        grads = [None] * len(leaves)
+        if pairs:
+            grads = torch.autograd.grad([o for o, _ in pairs], leaves, [c for _, c in pairs], allow_unused=True,
+                                        create_graph=True)
+        result = []
+        for g, leaf in zip(grads, leaves):
+            t = fwAD.unpack_dual(g).tangent if g is not None else None
+            result.append(torch.zeros_like(leaf.detach()) if t is None else t.detach())
+    return tuple(result)
+
+
+def check_forward_derivatives(fn: Callable, sample: Callable[[], Sequence], *, over_reverse: bool = True,
+                              batched: bool = True, rtol=None, atol=None, msg: str = ""):
+    """The standard table check of one op's forward derivative: jvp, vmap
+    over jvp and jvp over vjp, each against torch.autograd."""
+    args = tuple(sample())
+    with no_fallback():
+        check_jvp(fn, *args, rtol=rtol, atol=atol, msg=msg)
+        if batched:
+            check_vmap_jvp(fn, *args, rtol=rtol, atol=atol, msg=msg)
+        if over_reverse:
+            check_jvp_of_vjp(fn, *args, rtol=rtol, atol=atol, msg=msg)

@@ -2,8 +2,9 @@
 
 from . import rules as _rules  # noqa: F401  (registers every rule)
 from ._core.errors import SlowFallbackWarning
+from .transforms.forward import jvp
 from .transforms.reverse import grad, grad_and_value, vjp
 from .transforms.vmap import vmap
 
-__all__ = ["vmap", "grad", "grad_and_value", "vjp", "SlowFallbackWarning"]
+__all__ = ["vmap", "grad", "grad_and_value", "vjp", "jvp", "SlowFallbackWarning"]
 __version__ = "0.1.0"

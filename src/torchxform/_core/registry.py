@@ -41,6 +41,14 @@ BATCH_RULES: dict[OpOverload, Callable] = {}
 # op -> VJP rule.  See the module docstring for the signature.
 VJP_RULES: dict[OpOverload, Callable] = {}
 
+# op -> JVP rule.  A JVP rule runs at forward time; it names what it needs
+# (schema arguments = primals, ``<name>_t`` = that argument's tangent or None,
+# ``tangents`` = all of them by position, ``result``, ``op``) and returns the
+# output's tangent (a tuple for several outputs; None for zero).  A rule
+# with ``raw_jvp = True`` is called as ``rule(op, primals, tangents, kwargs,
+# result)`` instead (generic rules).
+JVP_RULES: dict[OpOverload, Callable] = {}
+
 # Ops whose outputs carry no derivative even for floating inputs
 # (detach, sign, floor, ...): no VJP needed, the outputs are constants.
 NONDIFFERENTIABLE: set[OpOverload] = set()
@@ -119,6 +127,19 @@ def register_vjp(*ops: OpOverload):
     def decorator(rule: Callable) -> Callable:
         for op in _overloads(ops):
             VJP_RULES[op] = rule
+        _changed()
+        return rule
+
+    return decorator
+
+
+def register_jvp(*ops: OpOverload):
+    """Decorator: register ``rule`` as the JVP rule of each op in ``ops``
+    (see ``JVP_RULES`` for the signature)."""
+
+    def decorator(rule: Callable) -> Callable:
+        for op in _overloads(ops):
+            JVP_RULES[op] = rule
         _changed()
         return rule
 
@@ -220,6 +241,21 @@ def batching_coverage(op: OpOverload) -> str:
     return "loop"
 
 
+def jvp_coverage(op: OpOverload) -> str:
+    """How jvp handles ``op``: 'rule', 'nondifferentiable', 'decomposition',
+    'from-vjp' (derived from its VJP rule, see NOTE [JVP from a VJP]) or
+    'missing'."""
+    if op in JVP_RULES:
+        return "rule"
+    if op in NONDIFFERENTIABLE and op not in VJP_RULES:
+        return "nondifferentiable"
+    if decomposition(op) is not None:
+        return "decomposition"
+    if op in VJP_RULES:
+        return "from-vjp"
+    return "missing"
+
+
 def vjp_coverage(op: OpOverload) -> str:
     """How grad/vjp handle ``op``: 'rule', 'nondifferentiable',
     'decomposition' or 'missing' (an error if a derivative is needed)."""
@@ -234,12 +270,15 @@ def vjp_coverage(op: OpOverload) -> str:
 
 def registered_ops() -> list[OpOverload]:
     """Every op that has at least one registered rule, sorted by name."""
-    return sorted(set(BATCH_RULES) | set(VJP_RULES) | NONDIFFERENTIABLE, key=str)
+    return sorted(set(BATCH_RULES) | set(VJP_RULES) | set(JVP_RULES) | NONDIFFERENTIABLE, key=str)
 
 
 __all__ = [
     "BATCH_RULES",
     "VJP_RULES",
+    "JVP_RULES",
+    "register_jvp",
+    "jvp_coverage",
     "NONDIFFERENTIABLE",
     "ERROR_RULES",
     "KWARG_BATCH_RULES",

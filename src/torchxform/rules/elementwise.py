@@ -15,9 +15,11 @@ from .._core.registry import (
     overloads,
     register_batching,
     register_batching_each,
+    register_jvp,
     register_nondifferentiable,
     register_vjp,
 )
+from ._derivatives import linear_jvp
 from .._core.schema import is_out_variant, mutates_self
 from ._batching import front_padded, move_bdim_to_front
 
@@ -360,17 +362,52 @@ def elementwise_vjp(partials: Callable, *, conjugate: bool = True) -> Callable:
     return rule
 
 
+def elementwise_jvp(partials: Callable) -> Callable:
+    """The JVP rule of an elementwise op from its ``partials``: the sum of
+    tangent times partial over the inputs, broadcast to the output."""
+
+    partial_params = inspect.signature(partials).parameters
+    wants_result = "result" in partial_params
+
+    def rule(tangents, result, **saved):
+        if wants_result:
+            saved["result"] = result
+        total = None
+        for d, t in zip(partials(**saved), tangents):
+            if d is None or t is None:
+                continue
+            term = t * d
+            total = term if total is None else total + term
+        if total is None:
+            return None
+        if total.shape != result.shape:
+            total = total.expand(result.shape)
+        if total.dtype != result.dtype:
+            total = total.real if total.is_complex() and not result.dtype.is_complex else total.to(result.dtype)
+        return total
+
+    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in ("tangents", "result")] + [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name, p in partial_params.items() if name != "result"
+    ]
+    rule.__signature__ = inspect.Signature(params)
+    rule.__qualname__ = f"elementwise_jvp({partials.__qualname__})"
+    return rule
+
+
 def derivative(ops, partials, *, conjugate: bool = True) -> None:
-    """Register the derivative of elementwise ``ops`` (and their in-place
-    variants, found by name) from ``partials``.  See :func:`elementwise_vjp`."""
-    rule = elementwise_vjp(partials, conjugate=conjugate)
+    """Register the derivatives (VJP and JVP) of elementwise ``ops`` and
+    their in-place variants (found by name) from ``partials``.  See
+    :func:`elementwise_vjp`.  ``conjugate=False`` marks functions that are
+    not holomorphic for complex inputs (``abs``): their JVP is written apart."""
     targets = []
     for op in ops:
         targets.append(op)
         inplace = _inplace_variant(op)
         if inplace is not None:
             targets.append(inplace)
-    register_vjp(*targets)(rule)
+    register_vjp(*targets)(elementwise_vjp(partials, conjugate=conjugate))
+    if conjugate:
+        register_jvp(*targets)(elementwise_jvp(partials))
 
 
 def _mask(condition, like):
@@ -744,3 +781,66 @@ register_nondifferentiable(
         for op in overloads(packet, *names)
     )
 )
+
+
+
+# -- JVPs not given by a partials table ----------------------------------------
+
+
+@register_jvp(aten.abs.default, aten.abs_.default)
+def abs_jvp(self, self_t):
+    """d|z| = Re(conj(sgn z) dz) (for real x: sgn(x) dx)."""
+    if self.is_complex():
+        return (self.sgn().conj() * self_t).real
+    return self_t * self.sgn()
+
+
+@register_jvp(aten.sgn.default, aten.sgn_.default)
+def sgn_jvp(self, self_t, result):
+    """sgn is piecewise constant on reals; for complex z, d(z/|z|) =
+    (dz - Re(conj(sgn) dz) sgn) / |z|, 0 at z = 0."""
+    if not self.is_complex():
+        return None
+    magnitude = self.abs()
+    return torch.where(magnitude == 0, 0.0, (self_t - (result.conj() * self_t).real * result) / magnitude)
+
+
+@register_jvp(aten.angle.default)
+def angle_jvp(self, self_t):
+    if not self.is_complex():
+        return None
+    return torch.where(self == 0, 0.0, (self.conj() * self_t).imag / (self.abs() ** 2))
+
+
+@register_jvp(aten.polar.default)
+def polar_jvp(abs, angle, abs_t, angle_t, result):
+    out = None
+    if abs_t is not None:
+        out = abs_t * torch.polar(torch.ones_like(abs), angle)
+    if angle_t is not None:
+        term = angle_t * result * 1j
+        out = term if out is None else out + term
+    return out
+
+
+# Ops linear in their inputs (over the reals): the JVP is the op on the tangents.
+register_jvp(
+    aten.clone.default,
+    aten._to_copy.default,
+    aten.positive.default,
+    aten.neg.default,
+    aten.neg_.default,
+    aten.complex.default,
+    aten.conj_physical.default,
+    aten.conj_physical_.default,
+    *overloads(aten._conj_physical, "default"),
+    aten._conj.default,
+    *overloads(aten.conj, "default"),
+    *overloads(aten._neg_view, "default"),
+    *overloads(aten.resolve_conj, "default"),
+    *overloads(aten.resolve_neg, "default"),
+    aten.view_as_real.default,
+    aten.view_as_complex.default,
+    aten.where.self,
+)(linear_jvp())
+register_jvp(aten.masked_fill.Scalar, aten.masked_fill_.Scalar, aten.fill_.Scalar, aten.fill.Scalar)(linear_jvp(zero=("value",)))

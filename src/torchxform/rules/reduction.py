@@ -19,7 +19,8 @@ import math
 
 import torch
 
-from .._core.registry import overloads, register_batching_each, register_vjp
+from .._core.registry import overloads, register_batching_each, register_jvp, register_vjp
+from ._derivatives import linear_jvp
 from ._batching import move_bdim_to_front, with_eager_errors, wrap_dim  # See NOTE [Errors as eager raises them]
 
 aten = torch.ops.aten
@@ -667,3 +668,199 @@ def log_softmax_backward_data_vjp(grad, grad_output, output, dim):
     d_grad_output = grad - (grad * output.exp()).sum(dim, keepdim=True)
     d_output = -grad * output.exp() * total
     return (d_grad_output, d_output)
+
+
+# -- JVPs ---------------------------------------------------------------------
+
+# Linear reductions and scans: the op on the tangent.
+register_jvp(
+    aten.sum.default,
+    aten.sum.dim_IntList,
+    aten.mean.default,
+    aten.mean.dim,
+    aten.cumsum.default,
+    aten.cumsum_.default,
+)(linear_jvp())
+
+
+@register_jvp(aten._softmax.default, *overloads(aten._safe_softmax, "default"))
+def softmax_jvp(self_t, result, dim):
+    if result.dim() == 0:
+        return self_t * 0
+    return result * (self_t - (result * self_t).sum(dim, keepdim=True))
+
+
+@register_jvp(aten._log_softmax.default)
+def log_softmax_jvp(self_t, result, dim):
+    if result.dim() == 0:
+        return self_t * 0
+    return self_t - (result.exp() * self_t).sum(dim, keepdim=True)
+
+
+@register_jvp(aten.logsumexp.default)
+def logsumexp_jvp(self, self_t, result, dim, keepdim=False):
+    weights = (self - _unreduce(result, self.shape, dim, keepdim)).exp()
+    return _reduce_like(self_t * weights, self.dim(), dim, keepdim)
+
+
+def _reduce_like(x, rank, dim, keepdim):
+    """``x.sum`` over the dims a reduction with ``dim`` removed."""
+    if rank == 0:
+        return x
+    return x.sum(_reduced_dims(dim, rank), keepdim=keepdim)
+
+
+@register_jvp(aten.amax.default, aten.amin.default)
+def amax_jvp(self, self_t, result, dim=(), keepdim=False):
+    """The tangent averaged over the elements tied at the extreme."""
+    expanded = _unreduce(result, self.shape, dim, keepdim)
+    mask = (self == expanded).to(self_t.dtype)
+    return _reduce_like(self_t * mask, self.dim(), dim, keepdim) / _reduce_like(mask, self.dim(), dim, keepdim)
+
+
+@register_jvp(aten.max.default, aten.min.default, aten.median.default, aten.nanmedian.default)
+def max_all_jvp(self, self_t, result):
+    mask = (self == result).to(self_t.dtype)
+    return (self_t * mask).sum() / mask.sum()
+
+
+def _take_along(tangent, indices, dim, keepdim, rank):
+    """The tangent at the positions the op picked (max.dim, sort, topk, ...)."""
+    if rank == 0:
+        return tangent
+    dim = wrap_dim(dim, rank)
+    if not keepdim:
+        return tangent.gather(dim, indices.unsqueeze(dim)).squeeze(dim)
+    return tangent.gather(dim, indices)
+
+
+@register_jvp(
+    aten.max.dim, aten.min.dim, aten.kthvalue.default, aten.median.dim, aten.nanmedian.dim, aten.mode.default
+)
+def select_along_dim_jvp(self, self_t, result, dim=-1, keepdim=False):
+    return _take_along(self_t, result[1], dim, keepdim, self.dim()), None
+
+
+@register_jvp(aten.sort.default, *overloads(aten.sort, "stable"), aten.topk.default)
+def sort_jvp(self, self_t, result, dim=-1):
+    return _take_along(self_t, result[1], dim, True, self.dim()), None
+
+
+@register_jvp(aten.cummax.default, aten.cummin.default)
+def cummax_jvp(self, self_t, result, dim):
+    return _take_along(self_t, result[1], dim, True, self.dim()), None
+
+
+@register_jvp(aten.var.correction)
+def var_jvp(self, self_t, dim=None, correction=None, keepdim=False):
+    """d var = 2 Re(conj(x - mean) dx) / dof (the mean's own change sums to 0)."""
+    dof = _dof(self.shape, dim, correction)
+    centered = _centered(self, dim)
+    inner = _real((centered.conj() if centered.is_complex() else centered) * self_t)
+    return _reduce_like(2 * inner, self.dim(), dim, keepdim) / (dof if dof else 0.0)
+
+
+@register_jvp(aten.std.correction)
+def std_jvp(self, self_t, result, dim=None, correction=None, keepdim=False):
+    return var_jvp(self, self_t, dim, correction, keepdim) / (2 * result)
+
+
+@register_jvp(aten.var_mean.correction)
+def var_mean_jvp(self, self_t, dim=None, correction=None, keepdim=False):
+    mean_t = _reduce_like(self_t, self.dim(), dim, keepdim) / max(_count(self.shape, dim), 1)
+    return var_jvp(self, self_t, dim, correction, keepdim), mean_t
+
+
+@register_jvp(aten.std_mean.correction)
+def std_mean_jvp(self, self_t, result, dim=None, correction=None, keepdim=False):
+    mean_t = _reduce_like(self_t, self.dim(), dim, keepdim) / max(_count(self.shape, dim), 1)
+    return std_jvp(self, self_t, result[0], dim, correction, keepdim), mean_t
+
+
+@register_jvp(aten.prod.dim_int)
+def prod_dim_jvp(self, self_t, dim, keepdim=False):
+    if self.dim() == 0:
+        return self_t
+    d = wrap_dim(dim, self.dim())
+    return (self_t * _product_of_others(self, d)).sum(d, keepdim=keepdim)
+
+
+@register_jvp(aten.prod.default)
+def prod_jvp(self, self_t):
+    return (self_t.reshape(-1) * _product_of_others(self.reshape(-1), 0)).sum()
+
+
+def _strict_upper_products(x):
+    """For x [..., n]: table[..., k, j] = prod_{k<i<=j} x_i for j >= k, else
+    0 (along the last dim): the products cumprod's derivatives need, exact
+    with zeros."""
+    n = x.shape[-1]
+    upper = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+    table = torch.where(upper, x.unsqueeze(-2), torch.ones((), dtype=x.dtype, device=x.device))
+    return table.cumprod(-1) * upper.logical_or(torch.eye(n, dtype=torch.bool, device=x.device))
+
+
+@register_jvp(aten.cumprod.default)
+def cumprod_jvp(self, self_t, dim):
+    """out_j = prod_{i<=j} x_i: d out_j = sum_{k<=j} t_k prod_{i<k} x_i prod_{k<i<=j} x_i."""
+    if self.dim() == 0:
+        return self_t
+    dim = wrap_dim(dim, self.dim())
+    x, t = self.movedim(dim, -1), self_t.movedim(dim, -1)
+    if x.shape[-1] == 0:
+        return self_t
+    left = torch.cat([torch.ones_like(x[..., :1]), x[..., :-1]], -1).cumprod(-1)
+    out = ((left * t).unsqueeze(-1) * _strict_upper_products(x)).sum(-2)
+    return out.movedim(-1, dim)
+
+
+@register_jvp(aten.logcumsumexp.default)
+def logcumsumexp_jvp(self, self_t, result, dim):
+    """d out_j = sum_{k<=j} t_k exp(x_k - out_j): an n x n table along dim."""
+    if self.dim() == 0:
+        return self_t
+    dim = wrap_dim(dim, self.dim())
+    x, t, out = self.movedim(dim, -1), self_t.movedim(dim, -1), result.movedim(dim, -1)
+    n = x.shape[-1]
+    lower = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # [j, k]: k <= j
+    weights = torch.where(lower, (x.unsqueeze(-2) - out.unsqueeze(-1)).exp(), torch.zeros((), dtype=x.dtype))
+    return (weights * t.unsqueeze(-2)).sum(-1).movedim(-1, dim)
+
+
+def _norm_jvp(self, self_t, result, p, dim, keepdim):
+    """derivatives.yaml's linalg_vector_norm_jvp: the real part of
+    conj(d|x|^p / dx) t, reduced."""
+    p = 2.0 if p is None else float(p)
+    rank = self.dim()
+    if p == 0.0:
+        return torch.zeros_like(result)
+    direction = self.sgn().conj() if self.is_complex() else self.sgn()
+    if math.isinf(p):
+        norm = _unreduce(result, self.shape, dim, keepdim)
+        mask = (self.abs() == norm).to(result.dtype)
+        numerator = _reduce_like(_real(direction * self_t) * mask, rank, dim, keepdim)
+        return numerator / _reduce_like(mask, rank, dim, keepdim)
+    if p == 1.0:
+        return _reduce_like(_real(direction * self_t), rank, dim, keepdim)
+    scaled = self.abs().pow(p - 1) * _real(direction * self_t)
+    out = _reduce_like(scaled, rank, dim, keepdim) / result.pow(p - 1)
+    return torch.where(result == 0, 0.0, out)
+
+
+def _real(x):
+    return x.real if x.is_complex() else x
+
+
+@register_jvp(aten.linalg_vector_norm.default)
+def vector_norm_jvp(self, self_t, result, ord=2, dim=None, keepdim=False):
+    return _norm_jvp(self, self_t, result, ord, dim, keepdim)
+
+
+@register_jvp(aten.norm.ScalarOpt_dim, aten.norm.ScalarOpt_dim_dtype)
+def norm_dim_jvp(self, self_t, result, p, dim, keepdim=False):
+    return _norm_jvp(self, self_t, result, p, dim, keepdim)
+
+
+@register_jvp(aten.norm.Scalar, aten.norm.ScalarOpt_dtype)
+def norm_all_jvp(self, self_t, result, p=2):
+    return _norm_jvp(self, self_t, result, p, None, False)

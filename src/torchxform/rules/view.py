@@ -15,9 +15,11 @@ from .._core.registry import (
     overloads,
     register_batching,
     register_batching_each,
+    register_jvp,
     register_nondifferentiable,
     register_vjp,
 )
+from ._derivatives import linear_jvp
 from ._batching import front_padded, materialize, move_bdim_to_front, wrap_dim
 
 aten = torch.ops.aten
@@ -530,3 +532,50 @@ def unfold_backward_vjp(grad, dim, size, step):
 
 
 register_nondifferentiable(aten.detach.default, *overloads(aten.detach_copy, "default"))
+
+
+
+# -- JVPs: every view and joining op here is linear: the op on the tangents ---
+# (the tangent of a view is the same view of the tangent).
+register_jvp(
+    aten.view.default,
+    aten._unsafe_view.default,
+    *overloads(aten.reshape, "default"),
+    *overloads(aten._reshape_alias, "default"),
+    *overloads(aten._reshape_copy, "default"),
+    aten.permute.default,
+    aten.transpose.int,
+    aten.t.default,
+    aten.expand.default,
+    aten.squeeze.default,
+    aten.squeeze.dim,
+    *overloads(aten.squeeze, "dims"),
+    aten.unsqueeze.default,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.narrow.default,
+    aten.split.Tensor,
+    aten.split_with_sizes.default,
+    *overloads(aten.unsafe_split, "Tensor"),
+    *overloads(aten.unsafe_split_with_sizes, "default"),
+    aten.unbind.int,
+    aten.diagonal.default,
+    aten.unfold.default,
+    aten.unfold_backward.default,
+    aten.as_strided.default,
+    aten.alias.default,
+    *overloads(aten.lift_fresh_copy, "default"),
+    *overloads(aten.real, "default"),
+    *overloads(aten.imag, "default"),
+    aten.cat.default,
+    aten.stack.default,
+    aten.repeat.default,
+    aten.flip.default,
+    aten.roll.default,
+    aten.rot90.default,
+    aten.tril.default,
+    aten.triu.default,
+    aten.tril_.default,
+    aten.triu_.default,
+    *(op for op in BATCH_RULES if op._schema.name.split("::")[-1].endswith("_copy") and op is not aten.copy_.default),
+)(linear_jvp())

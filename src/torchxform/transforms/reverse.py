@@ -31,11 +31,12 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._core.dispatch import bind, dispatch_keys_restored, is_random_op, needs_dispatch_keys
-from .._core.interpreter import STATE, Interpreter, interpreting
+from .._core.dispatch import is_random_op
+from .._core.interpreter import Interpreter, interpreting
 from .._core.registry import NONDIFFERENTIABLE, VJP_RULES, on_rules_changed
 from .._core.schema import metadata_inplace_counterpart, mutates_self
 from .._core.tracer import Tracer, apply_metadata_op
+from ._autodiff import lower, replay_view, schema_bindings
 
 Tensor = torch.Tensor
 _make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
@@ -156,15 +157,6 @@ class ViewInfo:
         self.seen = seen  # root's version when this view's node was made
 
 
-def replay_view(chain, base):
-    """Apply the view ops of ``chain`` to ``base`` (a tensor of the root's shape)."""
-    for op, rest, kwargs, index in chain:
-        base = op(base, *rest, **kwargs)
-        if index is not None:
-            base = base[index]
-    return base
-
-
 class GradTensor(Tracer):
     """A value tracked by one reverse-mode level.
 
@@ -229,6 +221,9 @@ def _any_differentiable(out) -> bool:
 # --------------------------------------------------------------------------
 
 
+_VJP_SPECIAL = ("grad", "result", "needs", "op", "inputs_meta", "kwarg_needs")
+
+
 class _RulePlan:
     __slots__ = (
         "rule",
@@ -244,20 +239,7 @@ class _RulePlan:
     def __init__(self, op, rule) -> None:
         self.rule = rule
         params = inspect.signature(rule).parameters
-        schema_args = {a.name: (i, a) for i, a in enumerate(op._schema.arguments)}
-        bindings = []
-        for name in params:
-            if name in ("grad", "result", "needs", "op", "inputs_meta", "kwarg_needs"):
-                continue
-            if name not in schema_args:
-                raise TypeError(
-                    f"VJP rule {rule.__qualname__} for {op} names `{name}`, which is not an argument "
-                    f"of {op._schema}; rules may name schema arguments, grad, result, needs, op and inputs_meta"
-                )
-            position, arg = schema_args[name]
-            default = arg.default_value if arg.has_default_value() else None
-            bindings.append((name, None if arg.kwarg_only else position, default))
-        self.bindings = tuple(bindings)
+        self.bindings = schema_bindings(op, rule, _VJP_SPECIAL)
         self.wants_result = "result" in params
         self.wants_needs = "needs" in params
         self.wants_op = "op" in params
@@ -265,7 +247,7 @@ class _RulePlan:
         self.wants_kwarg_needs = "kwarg_needs" in params
         # In-place ops whose rule needs the input value must save it before
         # the op overwrites it (autograd's "original self").
-        self.wants_self_before = mutates_self(op) and any(b[1] == 0 for b in bindings)
+        self.wants_self_before = mutates_self(op) and any(b[1] == 0 for b in self.bindings)
 
 
 _PLANS: dict[int, tuple] = {}
@@ -445,23 +427,16 @@ class GradInterpreter(Interpreter):
         """Run ``op`` on the primals one level down, with the grad mode this
         level was entered with (so outer levels record what this level's
         rules do exactly when they would have recorded the op itself)."""
-        state = STATE
-        saved_ceiling = state.ceiling
-        state.ceiling = self.level - 1  # See NOTE [Ceiling]
+        if metadata_counterpart is not None:
+            op = metadata_counterpart  # the new view, computed out of place
         mode = _is_grad_enabled()
-        if mode != self.prev_grad_mode:
-            _set_grad_enabled(self.prev_grad_mode)
+        if mode == self.prev_grad_mode:
+            return lower(self, op, primals, kwargs)
+        _set_grad_enabled(self.prev_grad_mode)
         try:
-            if metadata_counterpart is not None:
-                op = metadata_counterpart  # the new view, computed out of place
-            if needs_dispatch_keys(primals):
-                with dispatch_keys_restored():
-                    return bind(op, primals, kwargs)
-            return bind(op, primals, kwargs)
+            return lower(self, op, primals, kwargs)
         finally:
-            if mode != self.prev_grad_mode:
-                _set_grad_enabled(mode)
-            state.ceiling = saved_ceiling
+            _set_grad_enabled(mode)
 
     # -- recording ----------------------------------------------------------
 

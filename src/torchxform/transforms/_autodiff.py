@@ -1,0 +1,63 @@
+"""Pieces the reverse- and forward-mode interpreters share: replaying view
+chains, reading what a rule wants from its signature, and running an op one
+level down."""
+
+from __future__ import annotations
+
+import inspect
+
+from .._core.dispatch import bind, dispatch_keys_restored, needs_dispatch_keys
+from .._core.interpreter import STATE
+
+
+def replay_view(chain, base):
+    """Apply the view ops of ``chain`` to ``base`` (a tensor of the root's
+    shape): each link is ``(op, args after self, kwargs, output index or None)``."""
+    for op, rest, kwargs, index in chain:
+        base = op(base, *rest, **kwargs)
+        if index is not None:
+            base = base[index]
+    return base
+
+
+def schema_bindings(op, rule, special: tuple[str, ...]):
+    """For each parameter of ``rule`` that names an argument of ``op``'s
+    schema: ``(name, position or None for keyword-only, default)``.
+    Parameters in ``special`` are supplied by the transform itself."""
+    schema_args = {a.name: (i, a) for i, a in enumerate(op._schema.arguments)}
+    bindings = []
+    for name in inspect.signature(rule).parameters:
+        if name in special:
+            continue
+        if name not in schema_args:
+            raise TypeError(
+                f"rule {rule.__qualname__} for {op} names `{name}`, which is not an argument of "
+                f"{op._schema}; rules may name schema arguments and {', '.join(special)}"
+            )
+        position, arg = schema_args[name]
+        default = arg.default_value if arg.has_default_value() else None
+        bindings.append((name, None if arg.kwarg_only else position, default))
+    return tuple(bindings)
+
+
+def bound_value(position, name, default, primals, kwargs):
+    """The forward value of one schema argument (trailing defaulted
+    positional arguments may be missing at dispatch)."""
+    if position is not None and position < len(primals):
+        return primals[position]
+    return kwargs.get(name, default)
+
+
+def lower(interp, op, primals, kwargs):
+    """Run ``op`` on values one level below ``interp`` (see NOTE [Ceiling]),
+    with the dispatch keys a rule needs (NOTE [Autograd inside rules])."""
+    state = STATE
+    saved_ceiling = state.ceiling
+    state.ceiling = interp.level - 1
+    try:
+        if needs_dispatch_keys(primals):
+            with dispatch_keys_restored():
+                return bind(op, primals, kwargs)
+        return bind(op, primals, kwargs)
+    finally:
+        state.ceiling = saved_ceiling
