@@ -536,9 +536,33 @@ def jvp(func: Callable, primals: Any, tangents: Any, *, strict: bool = False, ha
                 f"{_JVP_API}: Expected primals and tangents to have the same dtype: got a primal of dtype "
                 f"{p.dtype} with a tangent of dtype {t.dtype}"
             )
+    return jvp_with_argnums(func, primals, tangents, None, has_aux)
+
+
+def jvp_with_argnums(func: Callable, args: tuple, tangents: Any, argnums, has_aux: bool):
+    """jvp where ``tangents`` go with the arguments at ``argnums`` (None: all
+    of them, structure for structure); the other tensors are constants of
+    the level.  Errors read as jvp's (jacfwd is built on this)."""
+    from .reverse import _check_argnums
+
+    if argnums is None:
+        chosen = tuple(range(len(args)))
+        tangent_args = tangents
+    else:
+        positions = _check_argnums(argnums, len(args))
+        chosen = (positions,) if isinstance(positions, int) else positions
+        tangent_args = (tangents,) if isinstance(positions, int) else tangents
     with interpreting(JvpInterpreter()) as interp:
-        duals = [make_dual(p, interp, t) for p, t in zip(flat_primals, flat_tangents)]
-        outputs = func(*tree_unflatten(duals, primals_spec))
+        wrapped = list(args)
+        for i in range(len(args)):
+            flat, spec = tree_flatten(args[i])
+            if i in chosen:
+                flat_t = tree_flatten(tangent_args[chosen.index(i)])[0]
+                flat = [make_dual(p, interp, t) for p, t in zip(flat, flat_t)]
+            else:
+                flat = [make_dual(p, interp) if isinstance(p, Tensor) else p for p in flat]
+            wrapped[i] = tree_unflatten(flat, spec)
+        outputs = func(*wrapped)
         aux = None
         if has_aux:
             if not (isinstance(outputs, tuple) and len(outputs) == 2):
@@ -567,4 +591,4 @@ def jvp(func: Callable, primals: Any, tangents: Any, *, strict: bool = False, ha
     return primal_outs, tangent_outs
 
 
-__all__ = ["jvp", "JvpInterpreter", "DualTensor", "make_dual", "tangent_of", "jvp_from_vjp"]
+__all__ = ["jvp", "jvp_with_argnums", "JvpInterpreter", "DualTensor", "make_dual", "tangent_of", "jvp_from_vjp"]

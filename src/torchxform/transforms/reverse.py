@@ -764,8 +764,26 @@ def vjp(func: Callable, *primals, has_aux: bool = False):
         >>> torch.allclose(g, x.cos())
         True
     """
+    return vjp_with_argnums(func, primals, None, has_aux)
+
+
+def vjp_with_argnums(func: Callable, args: tuple, argnums, has_aux: bool):
+    """vjp with respect to the arguments at ``argnums`` (None: all of them);
+    the others are passed as constants of the level.  Errors read as
+    vjp's (jacrev is built on this)."""
     with _level() as interp:
-        wrapped, leaves = _wrap_inputs(primals, interp, True)
+        if argnums is None:
+            wrapped, leaves = _wrap_inputs(args, interp, True)
+            differentiated = args
+        else:
+            positions = _check_argnums(argnums, len(args))
+            chosen = (positions,) if isinstance(positions, int) else positions
+            wrapped, leaves_of = [], {}
+            for i, arg in enumerate(args):
+                w, leaves_of[i] = _wrap_inputs(arg, interp, i in chosen)
+                wrapped.append(w)
+            leaves = [leaf for i in chosen for leaf in leaves_of[i]]
+            differentiated = args[positions] if isinstance(positions, int) else tuple(args[i] for i in chosen)
         outputs = func(*wrapped)
         aux = None
         if has_aux:
@@ -792,7 +810,7 @@ def vjp(func: Callable, *primals, has_aux: bool = False):
                 )
         roots = [_root_of(o, interp) for o in flat_outputs]
         results = tree_unflatten([_unwrap(o, interp) for o in flat_outputs], output_spec)
-        flat_primals, primals_spec = tree_flatten(primals)
+    flat_primals, primals_spec = tree_flatten(differentiated)
     output_meta = [(o.shape, o.dtype) for o in flat_outputs]
 
     def vjp_fn(cotangents):
@@ -811,8 +829,9 @@ def vjp(func: Callable, *primals, has_aux: bool = False):
                     f"has a shape of {tuple(shape)}. The cotangent must have the shape of the output it belongs to."
                 )
         start = [(root[0], root[1], ct) for root, ct in zip(roots, flat_cotangents) if root is not None]
-        grads = _gradients(start, leaves, flat_primals)
-        return tree_unflatten(grads, primals_spec)
+        grads = _gradients(start, leaves, [p for p in flat_primals if isinstance(p, Tensor)])
+        it = iter(grads)
+        return tree_unflatten([next(it) if isinstance(p, Tensor) else p for p in flat_primals], primals_spec)
 
     if has_aux:
         return results, vjp_fn, aux
