@@ -10,12 +10,13 @@ import torchxform
 from tests.harness import assert_close, check_vmap, no_fallback
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
 @pytest.mark.parametrize("bidirectional,batch_first", [(False, True), (True, False)])
-def test_lstm_vmap_grad_and_per_example_grad(bidirectional, batch_first):
-    cls = nn.LSTM
+def test_rnn_vmap_grad_and_per_example_grad(cls, bidirectional, batch_first, dtype):
     torch.manual_seed(0)
-    rnn = cls(4, 5, num_layers=2, batch_first=batch_first, bidirectional=bidirectional)
-    x = torch.randn(3, 2, 3, 4)  # [examples, (batch, seq) or (seq, batch), features]
+    rnn = cls(4, 5, num_layers=2, batch_first=batch_first, bidirectional=bidirectional).to(dtype)
+    x = torch.randn(3, 2, 3, 4, dtype=dtype)  # [examples, (batch, seq) or (seq, batch), features]
 
     def f(x):
         return rnn(x)[0].pow(2).sum()
@@ -56,18 +57,28 @@ def _call(module, params, x):
         module._parameters.update(saved)
 
 
-@pytest.mark.parametrize("cls", [nn.GRU, nn.RNN])
-def test_gru_rnn_grad(cls):
-    # (vmap over nn.GRU/nn.RNN is the nn issue's: their C++ composite adds a
-    # batched value in place into an unbatched temporary.)
+def test_packed_sequence_under_vmap():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
     torch.manual_seed(0)
-    rnn = cls(4, 5, num_layers=2, bidirectional=True)
-    x = torch.randn(3, 2, 4)
+    gru = nn.GRU(3, 4)
+    x = torch.randn(2, 5, 3, 3)  # [examples, seq, batch, features]
+    lengths = torch.tensor([5, 3, 2])
 
     def f(x):
-        return rnn(x)[0].pow(2).sum()
+        return gru(pack_padded_sequence(x, lengths))[1]
 
-    with no_fallback():
-        got = torchxform.grad(f)(x)
-    leaf = x.clone().requires_grad_()
-    assert_close(got, torch.autograd.grad(f(leaf), leaf)[0], rtol=1e-4, atol=1e-6)
+    with no_fallback(), torch.no_grad():
+        check_vmap(f, x, rtol=1e-5, atol=1e-6)
+
+
+def test_vf_restored_after_transforms():
+    import torch.nn.modules.rnn as rnn_module
+
+    original = rnn_module._VF
+    seen = []
+    torchxform.vmap(lambda x: seen.append(rnn_module._VF) or x)(torch.ones(2))
+    assert seen[0] is not original and rnn_module._VF is original
+    with pytest.raises(ZeroDivisionError):
+        torchxform.grad(lambda x: 1 / 0)(torch.ones(2))
+    assert rnn_module._VF is original

@@ -112,6 +112,8 @@ class interpreting:
         interp = self.interp
         interp.level = self._depth + 1
         interp.alive = True
+        if self._depth == 0 and not _SAVED:
+            _install_patches()
         stack.append(interp)
         # The user's function runs at user level: random ops without tracers
         # go to the top of the stack again.  See NOTE [Ceiling].
@@ -130,6 +132,39 @@ class interpreting:
         del state.stack[self._depth :]
         state.ceiling = self._ceiling
         exit_mode(self._mode_token)
+        if self._depth == 0:
+            _remove_patches()
+
+
+# NOTE [Patches while transforms run]
+# A few PyTorch entry points hide their ops from every transform: nn.GRU and
+# nn.RNN call C++ composites (torch._VF.gru, ...) that decompose above
+# __torch_dispatch__ into code writing batched values in place into
+# unbatched temporaries.  While any transform is active (and only then)
+# such attributes are replaced by equivalents written in ATen ops; they are
+# restored when the outermost transform exits, on every exit path.  The
+# patch is process-wide: another thread calling those entry points meanwhile
+# gets the same values through the replacement.
+_PATCHES: list[tuple[object, str, object]] = []
+_SAVED: list[tuple[object, str, object]] = []
+
+
+def register_patch(owner, attribute: str, replacement) -> None:
+    """Use ``replacement`` for ``owner.attribute`` while transforms run.
+    See NOTE [Patches while transforms run]."""
+    _PATCHES.append((owner, attribute, replacement))
+
+
+def _install_patches() -> None:
+    for owner, attribute, replacement in _PATCHES:
+        _SAVED.append((owner, attribute, getattr(owner, attribute)))
+        setattr(owner, attribute, replacement)
+
+
+def _remove_patches() -> None:
+    while _SAVED:
+        owner, attribute, original = _SAVED.pop()
+        setattr(owner, attribute, original)
 
 
 def active_interpreters() -> tuple[Interpreter, ...]:
@@ -142,4 +177,4 @@ def transform_depth() -> int:
     return len(STATE.stack)
 
 
-__all__ = ["Interpreter", "interpreting", "active_interpreters", "transform_depth", "STATE"]
+__all__ = ["Interpreter", "interpreting", "active_interpreters", "transform_depth", "register_patch", "STATE"]

@@ -1,18 +1,25 @@
 """Recurrent layers.
 
-On CPU, float32 ``nn.LSTM`` runs through oneDNN's fused
-``mkldnn_rnn_layer`` kernel, which no transform can see into.  It is
-decomposed here into the LSTM cell math (torch._decomp's own one-layer LSTM,
-written in ATen ops), so vmap batches it, grad differentiates it and both
-compose, like every other op; GRU and RNN already arrive as ATen ops.
+nn.LSTM/GRU/RNN call ``torch._VF.lstm`` / ``gru`` / ``rnn_tanh`` /
+``rnn_relu``, C++ composites that decompose above ``__torch_dispatch__``
+into code adding batched values in place into unbatched temporaries (fatal
+under vmap).  While transforms run, nn's ``_VF`` is replaced by one whose
+RNN functions are torch._decomp's ATen-op implementations (see NOTE
+[Patches while transforms run]).  Those run float32 LSTM layers through
+oneDNN's fused ``mkldnn_rnn_layer`` kernel, which is decomposed here into
+the LSTM cell math, so every transform sees and composes through it.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.modules.rnn
+from torch._decomp import decompositions as _decomps
 from torch._decomp.decompositions import one_layer_lstm
 
-from .._core.registry import register_decomposition
+from .._core.interpreter import register_patch
+from .._core.registry import register_batching, register_decomposition, register_jvp, register_vjp
+from ._derivatives import linear_jvp
 
 aten = torch.ops.aten
 
@@ -50,3 +57,60 @@ def mkldnn_rnn_layer(
     output, (h, c) = one_layer_lstm(input, (hx_.squeeze(0), cx_.squeeze(0)), params, has_biases, reverse)
     workspace = input.new_empty(0)
     return output, h.unsqueeze(0), c.unsqueeze(0), workspace
+
+
+class _TransformVF:
+    """nn's ``_VF`` with the RNN entry points written in ATen ops; anything
+    else is the real ``_VF``'s."""
+
+    def __init__(self, original) -> None:
+        self._original = original
+
+    def __getattr__(self, name):
+        return getattr(self._original, name)
+
+    @staticmethod
+    def _route(input_impl, data_impl):
+        def run(*args, **kwargs):
+            # The .data overloads (PackedSequence) pass batch_sizes second.
+            if len(args) > 1 and isinstance(args[1], torch.Tensor) and args[1].dim() == 1 and not args[1].is_floating_point():
+                return data_impl(*args, **kwargs)
+            return input_impl(*args, **kwargs)
+
+        return staticmethod(run)
+
+    lstm = _route(_decomps.lstm_impl, _decomps.lstm_data_impl)
+    gru = _route(_decomps.gru_impl, _decomps.gru_impl_data)
+    rnn_tanh = _route(_decomps.rnn_tanh_input, _decomps.rnn_tanh_data)
+    rnn_relu = _route(_decomps.rnn_relu_input, _decomps.rnn_relu_data)
+
+
+register_patch(torch.nn.modules.rnn, "_VF", _TransformVF(torch.nn.modules.rnn._VF))
+
+
+# -- packed sequences ---------------------------------------------------------
+
+
+@register_batching(aten._pack_padded_sequence.default)
+def pack_padded_sequence_batch(bdims, input, lengths, batch_first):
+    """Packing moves (time, sequence) pairs and carries the other dims as
+    features, so the vmap batch rides along as one more feature dim.
+    # input [T, N, F] batched at 0: [B, T, N, F] -> [T, N, F, B] -> [T, N, F*B] -pack-> [S, F*B] -> [S, F, B]"""
+    if bdims[1] is not None:
+        raise RuntimeError(
+            "vmap: pack_padded_sequence with lengths that differ per batch element gives packed data of a "
+            "different size for each; vmap needs one size. Pad instead, or pack outside vmap."
+        )
+    x = input.movedim(bdims[0], -1)
+    data, batch_sizes = aten._pack_padded_sequence.default(x.flatten(-2), lengths, batch_first)
+    return (data.unflatten(-1, x.shape[-2:]), batch_sizes), (data.dim(), None)
+
+
+@register_vjp(aten._pack_padded_sequence.default)
+def pack_padded_sequence_vjp(grad, inputs_meta, result, batch_first):
+    if grad[0] is None:
+        return (None,)
+    return (aten._pack_padded_sequence_backward.default(grad[0], inputs_meta[0][0], result[1], batch_first),)
+
+
+register_jvp(aten._pack_padded_sequence.default)(linear_jvp())

@@ -239,6 +239,9 @@ class JvpInterpreter(Interpreter):
             out = lower(self, op, primals, kwargs)
             return args[0] if inplace else self._wrap_outputs(op, args, kwargs, out, None, False, returns_list)
         if inplace and not (type(args[0]) is DualTensor and args[0]._interp is self):
+            if isinstance(args[0], Tensor) and not _is_differentiable(args[0]):
+                lower(self, op, primals, kwargs)  # an integer tensor: nothing to track
+                return args[0]
             raise RuntimeError(
                 f"During a grad (vjp, jvp, grad, etc) transform, the function provided attempted to "
                 f"call in-place operation ({op}) that would mutate a captured Tensor. This is not "
@@ -314,8 +317,8 @@ class JvpInterpreter(Interpreter):
         return out
 
     def _wrap_one(self, op, args, kwargs, value, tangent, is_view, view_index):
-        if tangent is not None and not _is_differentiable(value):
-            tangent = None
+        if not _is_differentiable(value):
+            return value  # See NOTE [Integer tensors stay plain] in reverse.py
         if is_view and type(args[0]) is DualTensor and args[0]._interp is self:
             base = args[0]
             view = base._view

@@ -19,6 +19,11 @@ view ops), and bumps a version counter the base shares with all its views;
 a view whose base changed since its node was made is refreshed (its node
 becomes the replayed view of the base's node) when next used.  Saved
 values are version-checked at backward, as torch.autograd does.
+
+NOTE [Integer tensors stay plain]
+Outputs of integer or bool dtype are never wrapped: they cannot carry a
+derivative, and C++ composites (pad_packed_sequence's batch_sizes, ...)
+read such tensors' data directly, which a storage-less wrapper cannot give.
 """
 
 from __future__ import annotations
@@ -347,6 +352,9 @@ class GradInterpreter(Interpreter):
 
         record = tracked and not nondiff and _is_grad_enabled()
         if inplace and not (type(args[0]) is GradTensor and args[0]._interp is self):
+            if isinstance(args[0], Tensor) and not _is_differentiable(args[0]):
+                lower(self, op, primals, kwargs)  # an integer tensor: nothing to track
+                return args[0]
             raise RuntimeError(
                 f"During a grad (vjp, jvp, grad, etc) transform, the function provided attempted to "
                 f"call in-place operation ({op}) that would mutate a captured Tensor. This is not "
@@ -526,8 +534,8 @@ class GradInterpreter(Interpreter):
         return out
 
     def _wrap_one(self, op, args, kwargs, value, node, index, is_view, view_index, counter=None):
-        if node is not None and not (value.is_floating_point() or value.is_complex()):
-            node = None
+        if not (value.is_floating_point() or value.is_complex()):
+            return value  # See NOTE [Integer tensors stay plain]
         if is_view and type(args[0]) is GradTensor and args[0]._interp is self:
             base = args[0]
             # A view shares its root's version counter and can be replayed
