@@ -2,6 +2,7 @@
 
 from . import rules as _rules  # noqa: F401  (registers every rule)
 from ._core.errors import SlowFallbackWarning
+from .nn import functional_call, replace_all_batch_norm_modules_, stack_module_state
 from .transforms.forward import jvp
 from .transforms.jacobians import hessian, jacfwd, jacrev, linearize
 from .transforms.reverse import grad, grad_and_value, vjp
@@ -17,6 +18,9 @@ __all__ = [
     "jacrev",
     "jacfwd",
     "hessian",
+    "functional_call",
+    "stack_module_state",
+    "replace_all_batch_norm_modules_",
     "SlowFallbackWarning",
 ]
 __version__ = "0.1.0"
