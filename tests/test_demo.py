@@ -4,13 +4,13 @@
 import warnings
 
 import torchxform
-from torchxform import demo
 
 
-def test_demo_runs_without_fallbacks(capsys):
+def test_demo_runs_without_fallbacks(example, capsys):
+    demo = example("demo")
     with warnings.catch_warnings():
         warnings.simplefilter("error", torchxform.SlowFallbackWarning)
         demo.main()
     out = capsys.readouterr().out
-    assert out.count("max |vmap - loop|") == 3
+    assert out.count("max |torchxform - loop|") == 4
     assert "All results match the Python loop." in out

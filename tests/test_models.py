@@ -120,3 +120,29 @@ def test_per_sample_gradients(make):
         expected.append(torch.autograd.grad(loss(leaves, x, y), leaves))
     expected = [torch.stack(column) for column in zip(*expected)]
     assert_close(got, expected)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_and_transformer_layer_over_a_batch_of_minibatches(batch_first):
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first).train()
+    x = torch.randn(3, 5, 4, 8)  # [minibatches, then the module's own (seq, batch) or (batch, seq), features]
+    mask = torch.triu(torch.full((5, 5) if not batch_first else (4, 4), float("-inf")), diagonal=1)
+    with no_fallback(), torch.no_grad():
+        check_vmap(lambda q: attention(q, q, q)[0], x)
+        check_vmap(lambda q: attention(q, q, q, attn_mask=mask if not batch_first else None)[0], x)
+        check_vmap(layer, x)
+        check_vmap(lambda src: layer(src, src_mask=mask, is_causal=True), x)
+        layer.eval()  # eval without grad: the modules' fused fast path, off while transforms run
+        check_vmap(layer, x)
+    assert torch.backends.mha.get_fastpath_enabled()  # and back on afterwards
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_recurrent_modules_over_a_batch_of_minibatches(cls):
+    torch.manual_seed(0)
+    module = cls(4, 6, num_layers=2, batch_first=True)
+    with no_fallback(), torch.no_grad():
+        check_vmap(lambda x: module(x)[0], torch.randn(3, 2, 5, 4))
+        check_vmap(lambda x: module(x)[0], torch.randn(2, 5, 3, 4), in_dims=2)

@@ -544,3 +544,28 @@ def test_vmap_grad_per_example(name, loss, sample):
     with no_fallback():
         actual = torchxform.vmap(torchxform.grad(loss), in_dims=(None, 0, 0))(w, indices, targets)
     assert_close(actual, torch.stack(expected), msg=name)
+
+
+@pytest.mark.parametrize("include_self", [True, False])
+def test_complex_scatter_reduce_prod_vjp(include_self):
+    # torch.autograd has no complex scatter_reduce (and eager no complex
+    # index_reduce); the reference is the same product written with
+    # torch.where and torch.prod, which it does differentiate.
+    import torchxform
+
+    x = torch.randn(6, dtype=torch.complex128)
+    x[2] = 0  # a zero source: the partials of its slot take the other branch
+    base = torch.randn(3, dtype=torch.complex128)
+    index = torch.tensor([0, 1, 0, 1, 2, 0])
+    cotangent = torch.randn(3, dtype=torch.complex128)
+
+    def reference(base, x):
+        members = index[None, :] == torch.arange(3)[:, None]  # [slot, source]
+        products = torch.where(members, x[None, :], torch.ones((), dtype=x.dtype)).prod(1)
+        return base * products if include_self else products + 0 * base
+
+    leaves = (base.clone().requires_grad_(), x.clone().requires_grad_())
+    expected = torch.autograd.grad(reference(*leaves), leaves, cotangent)
+    _, pullback = torchxform.vjp(lambda b, x: b.scatter_reduce(0, index, x, "prod", include_self=include_self), base, x)
+    for got, want in zip(pullback(cotangent), expected):
+        torch.testing.assert_close(got, want)

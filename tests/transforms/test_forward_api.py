@@ -12,7 +12,6 @@ from torch.autograd.functional import hvp as ref_hvp
 from torch.autograd.functional import jacobian as ref_jacobian
 from torch.autograd.functional import vhp as ref_vhp
 
-import torchxform
 from torchxform import grad, hessian, jacfwd, jacrev, jvp, linearize, vjp, vmap
 from tests.harness import assert_close, no_fallback
 
@@ -349,3 +348,55 @@ def test_empirical_ntk_two_ways():
 
     ntk_products = vmap(vmap(ntk_column, in_dims=(None, 0)), in_dims=(0, None))(x1, x2)
     assert_close(ntk_products, expected)
+
+
+# -- tangent layout and writes into fresh tensors ----------------------------
+
+LAYOUT_SENSITIVE = {
+    "permute_reshape": lambda x: x.permute(0, 2, 3, 1).reshape(2, -1),
+    "permute_view": lambda x: x.permute(0, 2, 3, 1).view(2, -1),
+    "as_strided": lambda x: x.as_strided((5,), (3,)),
+    "as_strided_of_result": lambda x: (x * 2).as_strided((5,), (3,), 1),
+}
+
+
+@pytest.mark.parametrize("name", LAYOUT_SENSITIVE)
+def test_tangents_take_the_primal_layout(name):
+    # A channels_last primal with a contiguous tangent: view ops read strides,
+    # so the tangent must be laid out as the primal (see NOTE [Tangent layout]).
+    f = LAYOUT_SENSITIVE[name]
+    x = randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
+    tangents = randn(3, 2, 3, 4, 4)
+    assert_close(jvp(f, (x,), (tangents[0],))[1], forward_ad(f, (x,), (tangents[0],))[1], msg=name)
+    batched = vmap(lambda t: jvp(f, (x,), (t,))[1])(tangents)
+    assert_close(batched, torch.stack([forward_ad(f, (x,), (t,))[1] for t in tangents]), msg=name)
+
+
+def test_vmap_over_jvp_writing_into_a_fresh_tensor():
+    # The written value's tangent is batched, the fresh tensor has none yet:
+    # its tangent must be made able to hold the batched one.
+    def f(x):
+        y = torch.zeros(5, dtype=x.dtype)
+        y[1:4] = x
+        return y * 3
+
+    x, tangents = randn(3), randn(4, 3)
+    got = vmap(lambda t: jvp(f, (x,), (t,))[1])(tangents)
+    assert_close(got, torch.stack([forward_ad(f, (x,), (t,))[1] for t in tangents]))
+
+
+def test_vmap_over_vjp_through_a_view_of_a_changed_base():
+    # The view's node is refreshed from its base's: its cotangent is written
+    # into zeros of the base's shape, under vmap a batched write.
+    def f(x):
+        y = x.clone()
+        view = y[1:3]
+        y.mul_(2)
+        return view.sin()
+
+    x, cotangents = randn(4), randn(5, 2)
+    got = vmap(lambda c: vjp(f, x)[1](c)[0])(cotangents)
+    leaf = x.clone().requires_grad_()
+    out = f(leaf)
+    expected = torch.stack([torch.autograd.grad(out, leaf, c, retain_graph=True)[0] for c in cotangents])
+    assert_close(got, expected)

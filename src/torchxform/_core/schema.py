@@ -27,6 +27,15 @@ def is_out_variant(op) -> bool:
     return flag
 
 
+def functional_counterpart(op):
+    """The out-of-place op of an in-place one: ``aten.index_put.default``
+    for ``aten.index_put_.default``."""
+    import torch
+
+    packet = getattr(torch.ops.aten, op._schema.name.split("::")[-1].rstrip("_"))
+    return getattr(packet, op._overloadname)
+
+
 _METADATA_INPLACE: dict = {}
 
 

@@ -11,6 +11,8 @@ import functools
 
 import torch
 
+from .._core.schema import functional_counterpart, mutates_self
+
 Tensor = torch.Tensor
 
 
@@ -39,9 +41,13 @@ def linear_jvp(zero: tuple[str, ...] = ()):
     """A raw JVP rule for ops linear in all their differentiable arguments:
     the op applied to the tangents.  Scalar arguments named in ``zero`` are
     data (e.g. a fill ``value``) whose tangent is 0.  Views stay views: the
-    tangent of a view is the same view of the tangent."""
+    tangent of a view is the same view of the tangent.  An in-place op
+    applies its functional op: a tangent is never written in place (it may
+    be the user's, or expanded; see NOTE [Tangents of views])."""
 
     def rule(op, primals, tangents, kwargs, result):
+        if mutates_self(op):
+            op = functional_counterpart(op)
         args = [_substitute(p, t) for p, t in zip(primals, tangents)]
         for i in _positions(op, zero):
             if i < len(args):

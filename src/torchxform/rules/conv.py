@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .._core.registry import register_batching, register_vjp
+from .._core.registry import register_batching, register_jvp, register_vjp
 from ._batching import batch_size, logical_rank, move_bdim_to_front, raise_as_eager
-from .pooling import _channels_to_front, _fold, _materialize, _unfold
+from .pooling import _add, _channels_to_front, _fold, _materialize, _unfold
 
 aten = torch.ops.aten
 
@@ -206,3 +206,42 @@ def convolution_backward_vjp(grad, grad_output, input, weight, needs, stride, pa
     if needs[2] and gg_input is not None:
         d_weight = aten.convolution_backward.default(grad_output, gg_input, weight, None, *rest, [False, True, False])[1]
     return d_grad_output, d_input, d_weight
+
+
+# -- JVPs ---------------------------------------------------------------------
+
+
+@register_jvp(aten.convolution.default, aten._convolution.default)
+def convolution_jvp(input, weight, input_t, weight_t, bias_t, result, stride, padding, dilation, transposed,
+                    output_padding, groups):
+    """derivatives.yaml's convolution_jvp: conv(dx, w) + conv(x, dw) + db
+    (bilinear in input and weight, affine in the bias, whose tangent rides
+    along in the first convolution)."""
+    rest = (stride, padding, dilation, transposed, output_padding, groups)
+    out = None
+    for x, w, moved in ((input_t, weight, input_t), (input, weight_t, weight_t)):
+        if moved is not None:
+            out = _add(out, aten.convolution.default(x, w, bias_t, *rest))
+            bias_t = None
+    if bias_t is not None:  # only the bias moves: [O] -> [O, 1, ..., 1] against the output
+        out = bias_t.view((-1,) + (1,) * (weight.dim() - 2)).expand(result.shape)
+    return out
+
+
+@register_jvp(aten.convolution_backward.default)
+def convolution_backward_jvp(grad_output, input, weight, grad_output_t, input_t, weight_t, bias_sizes, stride, padding,
+                             dilation, transposed, output_padding, groups, output_mask):
+    """Linear in grad_output (all three outputs), and multilinear overall:
+    grad_input = L_w^T g depends on the weight only, grad_weight = L_x^T g
+    on the input only, grad_bias on neither (derivatives.yaml's result0..2).
+    Each tangent term asks the kernel for only the output it changes."""
+    rest = (stride, padding, dilation, transposed, output_padding, groups)
+    backward = aten.convolution_backward.default
+    grads = [None, None, None]
+    if grad_output_t is not None:
+        grads = list(backward(grad_output_t, input, weight, bias_sizes, *rest, output_mask))
+    if weight_t is not None and output_mask[0]:
+        grads[0] = _add(grads[0], backward(grad_output, input, weight_t, None, *rest, [True, False, False])[0])
+    if input_t is not None and output_mask[1]:
+        grads[1] = _add(grads[1], backward(grad_output, input_t, weight, None, *rest, [False, True, False])[1])
+    return tuple(grads)

@@ -220,7 +220,7 @@ def _pointwise_ops():
             continue
         for overload in packet.overloads():
             op = getattr(packet, overload)
-            if torch.Tag.pointwise in op.tags and not torch.Tag.nondeterministic_seeded in op.tags:
+            if torch.Tag.pointwise in op.tags and torch.Tag.nondeterministic_seeded not in op.tags:
                 ops.append(op)
     return ops
 

@@ -17,14 +17,25 @@ sends such indices to a spare row first.)
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
 import torch
 
-from .._core.registry import overloads, register_batching, register_batching_each
+from .._core.registry import (
+    overloads,
+    register_batching,
+    register_batching_each,
+    register_jvp,
+    register_nondifferentiable,
+    register_vjp,
+)
+from .._core.schema import functional_counterpart, mutates_self
 from .._core.tracer import Tracer
 from ._batching import batch_size, front_padded, logical_rank, materialize, move_bdim_to_front, wrap_dim
+from ._derivatives import linear_jvp
+from .elementwise import reduce_to
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -907,10 +918,6 @@ register_batching_each(_VIEW_SCATTERS, view_scatter_batch)
 # Integer indices and masks get no gradient.
 # ==========================================================================
 
-from .._core.registry import register_nondifferentiable, register_vjp
-from .elementwise import reduce_to
-
-
 class _Scattered:
     """The positions that scatter/gather's ``index`` addresses along ``dim``:
     element ``i`` of a source goes to ``index[i]`` along ``dim``."""
@@ -1168,11 +1175,18 @@ def _reduce_vjp(positions, grad, needs, self, source, result, reduce, include_se
         def reduce_again(base, values):
             return positions.reduce(base, values, reduce, include_self)
 
+        # The product is holomorphic: its VJP is conj(J^T conj(grad)), the
+        # real formulas below being J^T applied to a cotangent.
+        complex_grad = grad.is_complex()
+        grad = grad.conj() if complex_grad else grad
         if needs[0]:
             masked_self = self.masked_fill(self == 0, 1)
             grad_self = grad * reduce_again(masked_self, source) / masked_self
         if needs[3]:
             grad_source = _prod_source_grad(positions, grad, self, source, result, reduce_again)
+        if complex_grad:
+            grad_self = grad_self.conj() if grad_self is not None else None
+            grad_source = grad_source.conj() if grad_source is not None else None
     if grad_self is not None and not include_self:
         grad_self = positions.zero(grad_self)
     return (grad_self if needs[0] else None), None, None, grad_source
@@ -1231,3 +1245,152 @@ register_nondifferentiable(
     *overloads(aten.nonzero_static, "default"),
     aten.argwhere.default,
 )
+
+
+# ==========================================================================
+# -- JVPs
+# Every op of this family but scatter_reduce / index_reduce with amax, amin
+# or prod is linear in its floating inputs (derivatives.yaml: auto_linear,
+# `self_t.index_put(indices, values_t, accumulate)`, `self_t.scatter(dim,
+# index, src_t)`, ...): the JVP is the op on the tangents, zeros standing in
+# for inputs without one, 0 for a fill value.  In-place forms apply their
+# functional op: a tangent is never written in place (it may be expanded,
+# or the user's; see NOTE [Tangents of views]).
+# ==========================================================================
+
+def _inplace_linear_jvp(op, zero=()):
+    """The JVP rule of an in-place ``op`` linear in its floating inputs: its
+    functional op on the tangents.  The rule names every argument but self,
+    so the interpreter keeps no copy of self from before the write; the
+    written ``result`` has self's shape and dtype, all ``linear_jvp`` reads
+    of self's primal."""
+    functional, linear = functional_counterpart(op), linear_jvp(zero)
+    arguments = op._schema.arguments
+    positional = [a.name for a in arguments[1:] if not a.kwarg_only]
+    keyword = [a.name for a in arguments if a.kwarg_only]
+
+    def rule(tangents, result, **given):
+        primals = [result] + [given[name] for name in positional]
+        return linear(functional, primals, tangents, {name: given[name] for name in keyword}, result)
+
+    rule.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in ("tangents", "result")]
+        + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in positional + keyword]
+    )
+    rule.__qualname__ = f"inplace_linear_jvp({op})"
+    return rule
+
+
+def _register_linear_jvps(ops, zero=()):
+    out_of_place = linear_jvp(zero)
+    for op in ops:
+        register_jvp(op)(_inplace_linear_jvp(op, zero) if mutates_self(op) else out_of_place)
+
+
+_register_linear_jvps(
+    [
+        aten.index.Tensor,
+        *overloads(aten._unsafe_index, "Tensor"),
+        aten.index_put.default,
+        aten.index_put_.default,
+        *overloads(aten._unsafe_index_put, "default"),
+        *overloads(aten._index_put_impl, "default"),
+        aten._index_put_impl_.default,
+        aten.index_select.default,
+        aten.gather.default,
+        aten.take.default,
+        aten.put.default,
+        aten.put_.default,
+        *overloads(aten.scatter, "src"),
+        *overloads(aten.scatter_, "src"),
+        aten.scatter_add.default,
+        aten.scatter_add_.default,
+        *overloads(aten.index_add, "default"),
+        *overloads(aten.index_add_, "default"),
+        *overloads(aten.index_copy, "default"),
+        *overloads(aten.index_copy_, "default"),
+        aten.masked_scatter.default,
+        aten.masked_scatter_.default,
+        *overloads(aten.masked_scatter_backward, "default"),
+        aten.embedding.default,
+        aten.embedding_dense_backward.default,
+        aten.select_scatter.default,
+        aten.slice_scatter.default,
+        aten.diagonal_scatter.default,
+    ]
+)
+_register_linear_jvps(
+    [
+        *overloads(aten.scatter, "value"),
+        *overloads(aten.scatter_, "value"),
+        *overloads(aten.index_fill, "int_Scalar"),
+        *overloads(aten.index_fill_, "int_Scalar"),
+    ],
+    zero=("value",),
+)
+
+
+@register_jvp(*overloads(aten.index_fill, "int_Tensor"), *overloads(aten.index_fill_, "int_Tensor"))
+def index_fill_tensor_jvp(self_t, value_t, dim, index, result):
+    """``self_t.index_fill(dim, index, value_t)``; a value without a tangent
+    (an integer one too) fills 0."""
+    base = self_t if self_t is not None else torch.zeros_like(result)
+    return base.index_fill(dim, index, value_t if value_t is not None else 0)
+
+
+@register_jvp(aten.masked_select.default)
+def masked_select_jvp(self_t, mask):
+    """``self_t.masked_select(mask)`` written as a mask index: masked_select
+    has no batching rule (under vmap its output size could differ per
+    example), a mask index that is not batched has one."""
+    shape = torch.broadcast_shapes(self_t.shape, mask.shape)
+    return aten.index.Tensor(self_t.expand(shape), [mask.expand(shape)])
+
+
+# -- scatter_reduce / index_reduce: derivatives.yaml's scatter_reduce_jvp ------
+# (index_reduce has no forward formula there; the same one serves).
+
+
+def _reduce_jvp(positions, self, self_t, source, source_t, result, reduce, include_self):
+    """sum and mean are linear; amax and amin average the tangents of the
+    elements tied at the extreme (self only where it takes part); prod sums
+    each factor's tangent times the product of the others, exact with zeros
+    (see _prod_source_grad)."""
+    if self_t is None:
+        self_t = torch.zeros_like(result)
+    if source_t is None:
+        source_t = torch.zeros_like(source)
+    if reduce in ("sum", "mean"):
+        return positions.reduce(self_t, source_t, reduce, include_self)
+    if reduce in ("amax", "amin"):
+        self_is = (self == result).to(result.dtype)
+        if not include_self:
+            self_is = positions.zero(self_is)
+        source_is = (source == positions.take(result)).to(result.dtype)
+        count = positions.add(self_is, source_is)
+        return positions.add(self_is * self_t, source_is * source_t) / count
+    if reduce == "prod":
+
+        def reduce_again(base, values):
+            return positions.reduce(base, values, reduce, include_self)
+
+        # d result / d self: the product of the sources (1 where none went);
+        # self takes no part where include_self=False and a source went.
+        self_part = self_t if include_self else positions.zero(self_t)
+        self_term = self_part * positions.reduce(torch.ones_like(self), source, "prod", True)
+        source_partials = _prod_source_grad(positions, 1, self, source, result, reduce_again)
+        return positions.add(self_term, source_t * source_partials)
+    raise RuntimeError(f"jvp: scatter_reduce/index_reduce: unknown reduce {reduce!r}")
+
+
+@register_jvp(*overloads(aten.scatter_reduce, "two"), *overloads(aten.scatter_reduce_, "two"))
+def scatter_reduce_jvp(self, self_t, dim, index, src, src_t, reduce, result, include_self=True):
+    positions = _Scattered(dim, index)
+    source_t = positions.used(src_t) if src_t is not None else None
+    return _reduce_jvp(positions, self, self_t, positions.used(src), source_t, result, reduce, include_self)
+
+
+@register_jvp(*overloads(aten.index_reduce, "default"), *overloads(aten.index_reduce_, "default"))
+def index_reduce_jvp(self, self_t, dim, index, source, source_t, reduce, result, include_self=True):
+    positions = _Selected(dim, index, (source.shape,))
+    return _reduce_jvp(positions, self, self_t, source, source_t, result, reduce, include_self)

@@ -12,8 +12,9 @@ move the batch to the front (aligning the other arguments' batch dims) and
 call the op; every output has the batch at 0.  Ops whose arguments pair up
 in special ways (solve's vector right-hand side, lstsq) have their own rules.
 
-Their VJP rules follow the batching rules, at the end of this file (see
-NOTE [Linear algebra derivatives]).
+Their VJP rules follow the batching rules (see NOTE [Linear algebra
+derivatives]), and their JVP rules close the file (see NOTE [Linear algebra
+JVPs]).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import functools
 
 import torch
 
-from .._core.registry import overloads, register_batching, register_batching_each, register_vjp
+from .._core.registry import overloads, register_batching, register_batching_each, register_jvp, register_vjp
 from ._batching import (
     InvalidArguments,
     batch_size,
@@ -32,6 +33,7 @@ from ._batching import (
     with_eager_errors,
     wrap_dim,
 )
+from ._derivatives import linear_jvp, multilinear_jvp
 from .elementwise import elementwise_batch, reduce_to
 
 aten = torch.ops.aten
@@ -728,7 +730,7 @@ def matmul_vjp(grad, self, other, needs):
     grad_a = grad_b = None
     if needs[0]:
         if a.dim() == 2 and b.dim() > 2:  # [n,k] @ [B,k,m]: sum_B g_B b_B^H = [n,B*m] @ [B*m,k]
-            grad_a = g.movedim(-2, 0).reshape(g.shape[-2], -1).mm(_conj(_flatten_rows(b)))
+            grad_a = g.movedim(-2, 0).reshape(g.shape[-2], -1).mm(_flatten_rows(_adjoint(b)))
         else:
             grad_a = torch.matmul(g, _adjoint(b))
         grad_a = grad_a.sum_to_size(a.shape).reshape(self.shape)
@@ -1343,3 +1345,507 @@ def lstsq_vjp(grad, self, b, result, needs, inputs_meta):
     if grad_b is not None and vector:
         grad_b = grad_b.squeeze(-1)
     return _reduced(grad_a, inputs_meta[0], needs[0]), _reduced(grad_b, inputs_meta[1], needs[1])
+
+
+# ==========================================================================
+# -- JVPs
+# Forward derivatives from derivatives.yaml's `result:` formulas (and
+# FunctionsManual.cpp's *_jvp functions), run at forward time on the values
+# of the level below.  NOTE [Linear algebra JVPs]
+# * Products are multilinear: the op with one argument replaced by its
+#   tangent, summed over the arguments that have one.
+# * As the VJPs do (NOTE [Linear algebra derivatives]), no rule reuses the
+#   LU factors det, slogdet and solve return: they carry no tangent, which
+#   forward-over-forward would need.  Rules factor again (or invert) instead.
+# * Where an unbatched matrix meets a batch of tangents (jacfwd), rules
+#   prefer forms whose expensive part depends on the primal alone (det's
+#   adjugate, slogdet's inverse), so it is computed once for the batch.
+# * Decompositions with a gauge (svd, eigh, eig) pick PyTorch's: the tangent
+#   of the representative the forward returned.
+# * Ops that read one triangle: triangular solvers count only the tangent in
+#   that triangle (as their VJPs and finite differences do; forward_ad's
+#   triangular_solve formula does not); cholesky and eigh apply PyTorch's
+#   formulas, which take the tangent as Hermitian, to any tangent.
+# ==========================================================================
+
+register_jvp(
+    aten.mm.default,
+    aten.bmm.default,
+    aten.mv.default,
+    aten.dot.default,
+    aten.vdot.default,  # conj-linear in self: vdot(self_t, other) is still its derivative
+    aten.matmul.default,
+    aten.linalg_cross.default,
+)(multilinear_jvp((0, 1)))
+register_jvp(aten.linear.default)(multilinear_jvp((0, 1), affine=(2,)))
+register_jvp(aten._trilinear.default)(multilinear_jvp((0, 1, 2)))
+register_jvp(aten.trace.default, aten.diag_embed.default)(linear_jvp())
+
+
+def _times(t, scalar):
+    """``t`` times a Python scalar (maybe_multiply, unconjugated)."""
+    return t if scalar == 1 else t * scalar
+
+
+def _plus(x, y):
+    """x + y, with None for a zero ``x``."""
+    return y if x is None else x + y
+
+
+def _minus(x, y):
+    """x - y, with None for a zero ``x``."""
+    return -y if x is None else x - y
+
+
+def _add_product_jvp(kernel, product, self_t, terms, beta, alpha, result):
+    """beta * self_t + alpha * (sum of product(x, y) over ``terms``) for the
+    ``add*`` ops, with ``kernel`` (the op itself) fusing each addition into
+    one call.  beta == 0 ignores self, as the forward does (a nan or inf in
+    its tangent must not leak through 0 * nan)."""
+    terms = [(x, y) for x, y in terms if x is not None and y is not None]
+    use_self = self_t is not None and beta != 0
+    if not terms:
+        return _times(self_t, beta).expand(result.shape).to(result.dtype) if use_self else None
+    (x, y), rest = terms[0], terms[1:]
+    out = kernel(self_t, x, y, beta=beta, alpha=alpha) if use_self else _times(product(x, y), alpha)
+    for x, y in rest:
+        out = kernel(out, x, y, alpha=alpha)
+    return out
+
+
+def _add_product_rule(kernel, product):
+    """The raw JVP rule of ``kernel(self, a, b, *, beta, alpha)`` (addmm, its
+    in-place form, ...): d out = beta self_t + alpha (product(a_t, b) +
+    product(a, b_t))."""
+
+    def rule(op, primals, tangents, kwargs, result):
+        a, b = primals[1], primals[2]
+        self_t, a_t, b_t = tangents[:3]
+        terms = ((a_t, b), (a, b_t))
+        return _add_product_jvp(kernel, product, self_t, terms, kwargs.get("beta", 1), kwargs.get("alpha", 1), result)
+
+    rule.raw_jvp = True
+    return rule
+
+
+def _summed_bmm(a, b):
+    return torch.bmm(a, b).sum(0)
+
+
+def _outer(a, b):
+    """addr's product: elementwise, so it promotes as addr does."""
+    return a.unsqueeze(-1) * b.unsqueeze(-2)
+
+
+for _kernel, _product, _ops in [
+    (torch.addmm, torch.mm, (aten.addmm.default, aten.addmm_.default)),
+    (torch.addmv, torch.mv, (aten.addmv.default, aten.addmv_.default)),
+    (torch.baddbmm, torch.bmm, (aten.baddbmm.default, aten.baddbmm_.default)),
+    (torch.addbmm, _summed_bmm, (aten.addbmm.default, aten.addbmm_.default)),
+    (torch.addr, _outer, (aten.addr.default, aten.addr_.default)),
+]:
+    register_jvp(*_ops)(_add_product_rule(_kernel, _product))
+
+
+# -- inverses, determinants, solvers --------------------------------------------------
+
+
+@register_jvp(aten.linalg_inv_ex.default)
+def inv_ex_jvp(A_t, result):
+    inverse = result[0]
+    return -torch.matmul(inverse, torch.matmul(A_t, inverse)), None
+
+
+@register_jvp(aten._linalg_det.default)
+def det_jvp(A, A_t):
+    """d det = tr(adj(A) dA).  adj(A)^H is det's VJP for a unit cotangent,
+    exact at singular A as well (see det_vjp); it depends on A alone."""
+    if A.numel() == 0:
+        return None
+    (adjugate_h,) = det_vjp((torch.ones(A.shape[:-2], dtype=A.dtype, device=A.device),), A)
+    return (_conj(adjugate_h) * A_t).sum((-2, -1)), None, None
+
+
+@register_jvp(aten._linalg_slogdet.default)
+def slogdet_jvp(A, A_t, result):
+    """d logabsdet = Re tr(A^{-1} dA); d sign = i sign Im tr(A^{-1} dA) (0
+    for a real A)."""
+    trace = (torch.linalg.inv_ex(A)[0].mT * A_t).sum((-2, -1))  # elementwise, once A^{-1} is known
+    if not A.is_complex():
+        return None, trace, None, None
+    return result[0] * (1j * trace.imag), trace.real, None, None
+
+
+def _matrix_rhs(x, vector):
+    return x.unsqueeze(-1) if vector and x is not None else x
+
+
+@register_jvp(aten._linalg_solve_ex.default)
+def solve_ex_jvp(A, B, A_t, B_t, result, left=True):
+    """X = A^{-1} B: dX = A^{-1} (dB - dA X); left=False: X = B A^{-1},
+    dX = (dB - X dA) A^{-1}.  A vector B is solved as a column."""
+    vector = _is_vector_rhs(A.shape, B.shape)
+    X, rhs = _matrix_rhs(result[0], vector), _matrix_rhs(B_t, vector)
+    if A_t is not None:
+        rhs = _minus(rhs, A_t @ X if left else X @ A_t)
+    dX = torch.linalg.solve_ex(A, rhs, left=left)[0]
+    return dX.squeeze(-1) if vector else dX, None, None, None
+
+
+def _triangular_rhs(B_t, A_t, X, upper, unitriangular, apply):
+    """dB - apply(tri(dA), X): a triangular solve's right-hand side for its
+    tangent; only A's triangle is read, so only its tangent there counts."""
+    return B_t if A_t is None else _minus(B_t, apply(_tri(A_t, upper, unitriangular), X))
+
+
+def _matmul_flipped(a, b):
+    return torch.matmul(b, a)
+
+
+@register_jvp(aten.linalg_solve_triangular.default)
+def solve_triangular_jvp(self, self_t, B_t, result, upper, left=True, unitriangular=False):
+    rhs = _triangular_rhs(B_t, self_t, result, upper, unitriangular, torch.matmul if left else _matmul_flipped)
+    return torch.linalg.solve_triangular(self, rhs, upper=upper, left=left, unitriangular=unitriangular)
+
+
+@register_jvp(aten.triangular_solve.default)
+def triangular_solve_jvp(A, self_t, A_t, result, upper=True, transpose=False, unitriangular=False):
+    """op(A) X = B (op: transpose or not, never conjugate); the cloned
+    coefficient's tangent is A's."""
+
+    def apply(dA, X):
+        return (dA.mT if transpose else dA) @ X
+
+    rhs = _triangular_rhs(self_t, A_t, result[0], upper, unitriangular, apply)
+    solution_t = torch.triangular_solve(rhs, A, upper, transpose, unitriangular)[0]
+    clone_t = None if A_t is None else A_t.expand(result[1].shape)
+    return solution_t, clone_t
+
+
+# -- Cholesky --------------------------------------------------------------------------
+
+
+def _cholesky_jvp(A_t, L, upper):
+    """L^{-1} dA L^{-H} = 2 sym(L^{-1} dL): dL = L Phi(L^{-1} dA L^{-H}), Phi
+    taking the lower triangle with half the diagonal."""
+    if upper:
+        L = _adjoint(L)
+    inner = torch.linalg.solve_triangular(L, A_t, upper=False, left=True)
+    inner = torch.linalg.solve_triangular(_adjoint(L), inner, upper=True, left=False)
+    dL = L @ (inner.tril() - 0.5 * torch.diag_embed(inner.diagonal(0, -2, -1)))
+    return _adjoint(dL) if upper else dL
+
+
+@register_jvp(aten.linalg_cholesky_ex.default)
+def cholesky_ex_jvp(self_t, result, upper=False):
+    return _cholesky_jvp(self_t, result[0], upper), None
+
+
+@register_jvp(aten.cholesky.default)
+def cholesky_jvp(self_t, result, upper=False):
+    return _cholesky_jvp(self_t, result, upper)
+
+
+def _gram_tangent(factor, factor_t, upper):
+    """d(L L^H) = dL L^H + L dL^H (upper: d(U^H U))."""
+    half = _adjoint(factor_t) @ factor if upper else factor_t @ _adjoint(factor)
+    return half + _adjoint(half)
+
+
+@register_jvp(aten.cholesky_solve.default)
+def cholesky_solve_jvp(input2, self_t, input2_t, result, upper=False):
+    """X = K^{-1} B with K = L L^H: dX = K^{-1} (dB - dK X)."""
+    rhs = self_t if input2_t is None else _minus(self_t, _gram_tangent(input2, input2_t, upper) @ result)
+    return torch.cholesky_solve(rhs, input2, upper)
+
+
+@register_jvp(aten.cholesky_inverse.default)
+def cholesky_inverse_jvp(self, self_t, result, upper=False):
+    return -(result @ _gram_tangent(self, self_t, upper) @ result)
+
+
+# -- LU ------------------------------------------------------------------------------------
+
+
+def _lu_jvp(A_t, P, L, U, pivot):
+    """linalg_lu_jvp: A = P L U, so L^{-1} P^T dA U^{-1} = L^{-1} dL + dU U^{-1}
+    (strictly lower + upper) on the leading square block; a wide A's extra
+    columns of U (a tall A's extra rows of L) follow from dA's.
+    Wide or square: dK = L^{-1} P^T dA, dL = L tril_-1(dK_1 U_1^{-1}),
+    dU = dK - tril_-1(dK_1 U_1^{-1}) U.  Tall: dK = P^T dA U^{-1},
+    dU = triu(L_1^{-1} dK_1) U, dL = dK - L triu(L_1^{-1} dK_1)."""
+    m, n = L.shape[-2], U.shape[-1]
+    k = min(m, n)
+    rotated = P.mT @ A_t if pivot else A_t
+    solve = torch.linalg.solve_triangular
+    if m <= n:
+        dK = solve(L, rotated, upper=False, unitriangular=True)
+        lower = solve(U.narrow(-1, 0, k), dK.narrow(-1, 0, k), upper=True, left=False).tril(-1)
+        return L @ lower, (dK - lower @ U).triu()
+    dK = solve(U, rotated, upper=True, left=False)
+    upper = solve(L.narrow(-2, 0, k), dK.narrow(-2, 0, k), upper=False, unitriangular=True).triu()
+    return (dK - L @ upper).tril(-1), upper @ U
+
+
+@register_jvp(aten.linalg_lu.default)
+def lu_jvp(A_t, result, pivot=True):
+    P, L, U = result
+    return (None, *_lu_jvp(A_t, P, L, U, pivot))
+
+
+@register_jvp(aten.linalg_lu_factor_ex.default)
+def lu_factor_ex_jvp(A_t, result, pivot=True):
+    """The packed LU's tangent: dL below the diagonal, dU on and above."""
+    LU, pivots = result[0], result[1]
+    P, L, U = torch.lu_unpack(LU, pivots, unpack_data=True, unpack_pivots=pivot)
+    dL, dU = _lu_jvp(A_t, P, L, U, pivot)
+    m, n = LU.shape[-2], LU.shape[-1]
+    if m == n:
+        packed = dL + dU
+    elif m < n:  # dL [m, m], dU [m, n]
+        packed = torch.cat([dL + dU.narrow(-1, 0, m), dU.narrow(-1, m, n - m)], -1)
+    else:  # dL [m, n], dU [n, n]
+        packed = torch.cat([dL.narrow(-2, 0, n) + dU, dL.narrow(-2, n, m - n)], -2)
+    return packed, None, None
+
+
+@register_jvp(aten.linalg_lu_solve.default)
+def lu_solve_jvp(LU, pivots, LU_t, B_t, result, left=True, adjoint=False):
+    """With A = P L U and X as a solution of A X = B (left != adjoint; for
+    left=False this is A X^H = B^H) or A^H X = B (left == adjoint):
+      A^{-1} dA X = U^{-1} (L^{-1} dL U X + dU X),
+      A^{-H} dA^H X = P L^{-H} (dL^H + U^{-H} dU^H L^H) P^T X,
+    with dL, dU the strict lower and upper triangles of dLU; dX is the solve
+    of dB minus that term."""
+    out = None if B_t is None else torch.linalg.lu_solve(LU, pivots, B_t, left=left, adjoint=adjoint)
+    if LU_t is None:
+        return out
+    P, L, U = torch.lu_unpack(LU, pivots, unpack_data=True, unpack_pivots=left == adjoint)
+    dL, dU = LU_t.tril(-1), LU_t.triu()
+    X = result if left else _adjoint(result)
+    solve = torch.linalg.solve_triangular
+    if left != adjoint:
+        inner = solve(L, dL @ (U @ X), upper=False, unitriangular=True) + dU @ X
+        term = solve(U, inner, upper=True)
+    else:
+        L_h, rotated = _adjoint(L), P.mT @ X
+        inner = _adjoint(dL) @ rotated + solve(_adjoint(U), _adjoint(dU) @ (L_h @ rotated), upper=False)
+        term = P @ solve(L_h, inner, upper=True, unitriangular=True)
+    return _minus(out, term if left else _adjoint(term))
+
+
+@register_jvp(aten.lu_unpack.default)
+def lu_unpack_jvp(LU_data, LU_data_t, unpack_data=True):
+    """L and U read the packed LU's strict lower and upper triangles (and the
+    extra rows or columns of a tall or wide LU)."""
+    if not unpack_data:
+        return None, None, None
+    m, n = LU_data.shape[-2], LU_data.shape[-1]
+    k = min(m, n)
+    L_t = LU_data_t.narrow(-1, 0, k).tril(-1)
+    U_t = LU_data_t.narrow(-2, 0, k).triu()
+    return None, L_t, U_t
+
+
+# -- QR and Householder products ----------------------------------------------------------
+
+
+@register_jvp(aten.linalg_qr.default)
+def qr_jvp(A_t, result, mode="reduced"):
+    """linalg_qr_jvp.  m >= n: with dX = dA R^{-1}, Q^H dX = (skew-Hermitian
+    Q^H dQ) + (upper dR R^{-1}, real diagonal), so dR R^{-1} = M is the upper
+    triangle of sym(Q^H dX) = Q^H dX + dX^H Q with half its diagonal;
+    dQ = dX - Q M, dR = M R.  m < n: on the leading square block,
+    Q^H dQ = Omega is the skew-Hermitian matrix with the strictly lower
+    triangle (and imaginary diagonal) of Q^H dA_1 R_1^{-1}; dQ = Q Omega,
+    dR = Q^H dA - Omega R."""
+    Q, R = result
+    m, n = A_t.shape[-2], A_t.shape[-1]
+    if mode == "r":
+        raise RuntimeError(
+            "The derivative of linalg.qr depends on Q, which is not computed when mode='r'. Please use "
+            "linalg.qr(A, mode='reduced') if you are going to differentiate through linalg.qr."
+        )
+    if mode == "complete" and m > n:
+        raise RuntimeError("The QR decomposition is not differentiable when mode='complete' and nrows > ncols.")
+    solve = torch.linalg.solve_triangular
+    Q_h = _adjoint(Q)
+    if m >= n:
+        dX = solve(R, A_t, upper=True, left=False)
+        sym = Q_h @ dX
+        sym = sym + _adjoint(sym)
+        M = sym.triu() - 0.5 * torch.diag_embed(sym.diagonal(0, -2, -1))
+        return dX - Q @ M, M @ R
+    C = Q_h @ solve(R.narrow(-1, 0, m), A_t.narrow(-1, 0, m), upper=True, left=False)
+    omega = _skew(C.tril(-1))
+    if C.is_complex():
+        omega = omega + torch.diag_embed(1j * C.diagonal(0, -2, -1).imag)
+    return Q @ omega, Q_h @ A_t - omega @ R
+
+
+def _reflectors_jvp(V, tau, V_t, tau_t, C, C_t, left, adjoint):
+    """The tangent of op(Q) C (left) or C op(Q), Q = H_1 ... H_k with
+    H_i = I - tau_i v_i v_i^H (v_i: column i of V below a unit diagonal),
+    op(Q) = Q or Q^H.  The reflectors are applied to C one at a time, the one
+    nearest C first: X <- H X carries dX <- H dX + dH X, with
+    dH = -dtau v v^H - tau (dv v^H + v dv^H): O(k m c) for C of c columns."""
+    if not left:  # C op(Q) = (op(Q)^H C^H)^H
+        dX = _reflectors_jvp(V, tau, V_t, tau_t, _adjoint(C), None if C_t is None else _adjoint(C_t), True, not adjoint)
+        return None if dX is None else _adjoint(dX)
+    k = tau.shape[-1]
+    V = V.tril(-1) + _eye_like(V, V.shape[-2], V.shape[-1]).to(V.dtype)
+    dV = None if V_t is None else V_t.tril(-1)
+    if adjoint:  # H^H = I - conj(tau) v v^H; Q^H = H_k^H ... H_1^H
+        tau, tau_t = _conj(tau), None if tau_t is None else _conj(tau_t)
+    X, dX = C, C_t
+    for i in range(k) if adjoint else reversed(range(k)):
+        v, t = V.narrow(-1, i, 1), tau.narrow(-1, i, 1).unsqueeze(-1)
+        v_h = _adjoint(v)
+        vh_x = v_h @ X
+        new = None if dX is None else dX - (t * v) @ (v_h @ dX)  # H dX
+        if tau_t is not None:  # - dtau v v^H X
+            new = _minus(new, (tau_t.narrow(-1, i, 1).unsqueeze(-1) * v) @ vh_x)
+        if dV is not None:  # - tau (dv v^H + v dv^H) X
+            dv = dV.narrow(-1, i, 1)
+            new = _minus(new, (t * dv) @ vh_x + (t * v) @ (_adjoint(dv) @ X))
+        X, dX = X - (t * v) @ vh_x, new
+    return dX
+
+
+@register_jvp(aten.linalg_householder_product.default)
+def householder_product_jvp(input, tau, input_t, tau_t):
+    m, n = input.shape[-2], input.shape[-1]
+    return _reflectors_jvp(input, tau, input_t, tau_t, _eye_like(input, m, n).to(input.dtype), None, True, False)
+
+
+@register_jvp(aten.ormqr.default)
+def ormqr_jvp(self, input2, self_t, input2_t, input3_t, input3, left=True, transpose=False):
+    if self_t is None and input2_t is None:  # linear in C
+        return torch.ormqr(self, input2, input3_t, left, transpose)
+    return _reflectors_jvp(self, input2, self_t, input2_t, input3, input3_t, left, transpose)
+
+
+# -- spectral decompositions ------------------------------------------------------------------
+
+
+def _off_diagonal(x):
+    return x - torch.diag_embed(x.diagonal(0, -2, -1))
+
+
+def _vectors_not_computed(call, api):
+    return RuntimeError(
+        f"jvp: {call} was called without computing the vectors its derivative needs; call the public API "
+        f"({api}), which computes them under jvp."
+    )
+
+
+@register_jvp(aten._linalg_svd.default)
+def svd_jvp(A_t, result, full_matrices=False, compute_uv=True):
+    """linalg_svd_jvp.  With dP = U^H dA V, sym(X) = X + X^H and E the gaps
+    of S^2: dS = Re diag(dP); U^H dU = sym(dP S) / E and dVh Vh^H =
+    -sym(S dP) / E off the diagonal; for complex A the phase Im diag(dP) / S
+    is split evenly between U and Vh.  A tall (wide) A adds the part of dA V
+    S^{-1} (S^{-1} U^H dA) outside the span of U (Vh).  The extra columns of
+    full_matrices' U or rows of Vh get no tangent, as in PyTorch."""
+    if not compute_uv:
+        raise _vectors_not_computed("_linalg_svd(compute_uv=False)", "torch.linalg.svd / svdvals")
+    U, S, Vh = result
+    m, n = A_t.shape[-2], A_t.shape[-1]
+    k = S.shape[-1]
+    if full_matrices:
+        U, Vh = U.narrow(-1, 0, k), Vh.narrow(-2, 0, k)
+    U_h, V = _adjoint(U), _adjoint(Vh)
+    dP = U_h @ (A_t @ V) if m >= n else (U_h @ A_t) @ V
+    dS = dP.diagonal(0, -2, -1)
+    dS = dS.real if dS.is_complex() else dS
+    dP = dP - torch.diag_embed(dS)  # the imaginary diagonal is left (complex A)
+    gaps = _off_diagonal_gaps(S * S)
+    inner_u = dP * S.unsqueeze(-2)
+    inner_vh = dP * -S.unsqueeze(-1)
+    inner_u, inner_vh = (inner_u + _adjoint(inner_u)) / gaps, (inner_vh + _adjoint(inner_vh)) / gaps
+    if dP.is_complex():
+        phase = torch.diag_embed(dP.diagonal(0, -2, -1) / (2 * S))
+        inner_u, inner_vh = inner_u + phase, inner_vh + phase
+    dU, dVh = U @ inner_u, inner_vh @ Vh
+    if m > n:
+        scaled = A_t @ (V / S.unsqueeze(-2))
+        dU = dU + scaled - U @ (U_h @ scaled)
+        if full_matrices:
+            dU = torch.cat([dU, dU.new_zeros(dU.shape[:-1] + (m - n,))], -1)
+    elif m < n:
+        scaled = (U_h / S.unsqueeze(-1)) @ A_t
+        dVh = dVh + scaled - (scaled @ V) @ Vh
+        if full_matrices:
+            dVh = torch.cat([dVh, dVh.new_zeros(dVh.shape[:-2] + (n - m, n))], -2)
+    return dU, dS, dVh
+
+
+@register_jvp(aten._linalg_eigh.default)
+def eigh_jvp(A_t, result, UPLO="L", compute_v=True):
+    """A = V diag(L) V^H: with dP = V^H dA V, dL = diag(dP) and
+    dV = V (dP / E) off the diagonal (E_jk = L_k - L_j)."""
+    if not compute_v:
+        raise _vectors_not_computed("_linalg_eigh(compute_v=False)", "torch.linalg.eigh / eigvalsh")
+    values, V = result
+    dP = _adjoint(V) @ A_t @ V
+    dL = dP.diagonal(0, -2, -1)
+    return (dL.real if dL.is_complex() else dL), V @ (_off_diagonal(dP) / _off_diagonal_gaps(values))
+
+
+@register_jvp(aten.linalg_eig.default)
+def eig_jvp(self_t, result):
+    """A = V diag(L) V^{-1}: with dP = V^{-1} dA V, dL = diag(dP) and
+    dV = dX - V Re diag(V^H dX), dX = V (dP / E) off the diagonal (keeping
+    the columns of V at unit norm)."""
+    values, V = result
+    dP = torch.linalg.solve(V, self_t.to(V.dtype) @ V)
+    dX = V @ (_off_diagonal(dP) / _off_diagonal_gaps(values))
+    return dP.diagonal(0, -2, -1), dX - V * (_conj(V) * dX).sum(-2, keepdim=True).real
+
+
+# -- matrix functions, pseudo-inverse, least squares -------------------------------------------
+
+
+@register_jvp(aten.linalg_matrix_exp.default)
+def matrix_exp_jvp(self, self_t):
+    """The upper-right block of exp([[A, dA], [0, A]]) (Mathias): the VJP's
+    block trick at A^H, whose adjoint differential is the differential at A."""
+    return matrix_exp_vjp(self_t, _adjoint(self))[0]
+
+
+def _pinv_jvp(A, pinv, dA):
+    """pinv_jvp: d A^+ = -A^+ dA A^+ + A^+ A^{+H} dA^H (I - A A^+)
+    + (I - A^+ A) dA^H A^{+H} A^+, grouped to keep the products small."""
+    pinv_h, dA_h = _adjoint(pinv), _adjoint(dA)
+    if A.shape[-2] <= A.shape[-1]:
+        K = pinv_h @ dA_h
+        return pinv @ (K - _adjoint(K) - K @ (A @ pinv)) + (dA_h - pinv @ (A @ dA_h)) @ (pinv_h @ pinv)
+    K = pinv @ dA
+    K_h = _adjoint(K)
+    return (K_h - K - (pinv @ A) @ K_h) @ pinv + (pinv @ pinv_h) @ (dA_h - (dA_h @ A) @ pinv)
+
+
+@register_jvp(aten.linalg_pinv.atol_rtol_tensor)
+def pinv_jvp(self, self_t, result):
+    return _pinv_jvp(self, result, self_t)
+
+
+@register_jvp(aten.linalg_lstsq.default)
+def lstsq_jvp(self, b, self_t, b_t, result):
+    """X = A^+ B: dX = dA^+ B + A^+ dB.  The residuals |A X - B|^2 (when
+    computed) change by 2 Re(r^H (dA X - dB)), r = A X - B: A dX drops out
+    as A^H r = 0 at the optimum."""
+    vector = b.dim() == self.dim() - 1  # decided on ranks, as eager decides it
+    B, dB, X = _matrix_rhs(b, vector), _matrix_rhs(b_t, vector), _matrix_rhs(result[0], vector)
+    pinv = torch.linalg.pinv(self)
+    dX = None if dB is None else pinv @ dB
+    if self_t is not None:
+        dX = _plus(dX, _pinv_jvp(self, pinv, self_t) @ B)
+    residuals_t = None
+    if result[1].numel():
+        dr = None if self_t is None else self_t @ X
+        if dB is not None:
+            dr = _minus(dr, dB)
+        product = _conj(self @ X - B) * dr
+        residuals_t = 2 * (product.real if product.is_complex() else product).sum(-2)
+    return (dX.squeeze(-1) if vector else dX), residuals_t, None, None

@@ -16,10 +16,10 @@ import inspect
 
 import torch
 
-from .._core.registry import overloads, register_batching, register_batching_each, register_vjp
+from .._core.registry import overloads, register_batching, register_batching_each, register_jvp, register_vjp
 from ._batching import batch_size, logical_rank, move_bdim_to_front, raise_as_eager
 from .elementwise import broadcast_batched, reduce_to
-from .pooling import _like_input, _materialize
+from .pooling import _add, _like_input, _materialize, linear_in_first_jvp
 
 aten = torch.ops.aten
 
@@ -215,13 +215,20 @@ def pointwise_loss_vjp(partials):
             for d, need, meta in zip(ds, needs, inputs_meta)
         )
 
+    return _naming_partials_arguments(rule, partials, ("grad", "needs", "inputs_meta"), "pointwise_loss_vjp")
+
+
+def _naming_partials_arguments(rule, partials, own, maker):
+    """Give ``rule`` the signature ``(*own, reduction, <partials' arguments
+    after needs>)``, keyword-only, so the transform passes (and the tape
+    saves) what partials name."""
     keyword = inspect.Parameter.KEYWORD_ONLY
-    params = [inspect.Parameter(name, keyword) for name in ("grad", "needs", "inputs_meta")]
+    params = [inspect.Parameter(name, keyword) for name in own]
     params.append(inspect.Parameter("reduction", keyword, default=_MEAN))
     named = list(inspect.signature(partials).parameters.values())[1:]  # after `needs`
     params += [p.replace(kind=keyword) for p in named]
     rule.__signature__ = inspect.Signature(params)
-    rule.__qualname__ = f"pointwise_loss_vjp({partials.__qualname__})"
+    rule.__qualname__ = f"{maker}({partials.__qualname__})"
     return rule
 
 
@@ -290,18 +297,23 @@ def _bce_logits_partials(needs, self, target, weight=None, pos_weight=None):
     return d_self, d_target, d_weight, d_pos_weight
 
 
-register_vjp(aten.mse_loss.default)(pointwise_loss_vjp(_mse_partials))
-register_vjp(aten.smooth_l1_loss.default)(pointwise_loss_vjp(_smooth_l1_partials))
-register_vjp(aten.huber_loss.default)(pointwise_loss_vjp(_huber_partials))
-register_vjp(aten.soft_margin_loss.default)(pointwise_loss_vjp(_soft_margin_partials))
-register_vjp(aten.binary_cross_entropy.default)(pointwise_loss_vjp(_bce_partials))
-register_vjp(aten.binary_cross_entropy_with_logits.default)(pointwise_loss_vjp(_bce_logits_partials))
+# op -> its partials (the JVPs below come from the same)
+_POINTWISE_LOSS_PARTIALS = {
+    aten.mse_loss.default: _mse_partials,
+    aten.smooth_l1_loss.default: _smooth_l1_partials,
+    aten.huber_loss.default: _huber_partials,
+    aten.soft_margin_loss.default: _soft_margin_partials,
+    aten.binary_cross_entropy.default: _bce_partials,
+    aten.binary_cross_entropy_with_logits.default: _bce_logits_partials,
+}
+for _op, _partials in _POINTWISE_LOSS_PARTIALS.items():
+    register_vjp(_op)(pointwise_loss_vjp(_partials))
 
 
-def _no_class_weight_gradient(op, needs, position):
+def _no_class_weight_gradient(op, needs, position, transform="grad"):
     if _wanted(needs, position):
         raise RuntimeError(
-            f"grad: {op} is not differentiable with respect to its class weights (as in torch.autograd); "
+            f"{transform}: {op} is not differentiable with respect to its class weights (as in torch.autograd); "
             f"pass them detached, or compute the loss from its definition if their gradient is wanted."
         )
 
@@ -353,12 +365,10 @@ def _per_row_cotangent(grad, rows, reduction):
     return grad
 
 
-@register_vjp(aten.multi_margin_loss.default)
-def multi_margin_loss_vjp(grad, self, target, needs, p=1, margin=1, weight=None, reduction=_MEAN):
-    """loss_n = sum_{i != y} w_y max(0, margin - x_y + x_i)^p / C:
-    each active i gets w_y p z^(p-1) / C, and x_y minus their sum."""
-    _no_class_weight_gradient(aten.multi_margin_loss.default, needs, 4)
-    x, y = _rows(self, target)
+def _multi_margin_row_gradients(x, y, p, margin, weight):
+    """[N, C]: the gradient of each row's loss with respect to its row.
+    loss_n = sum_{i != y} w_y max(0, margin - x_y + x_i)^p / C: each
+    active i gets w_y p z^(p-1) / C, and x_y minus their sum."""
     classes = x.shape[1]
     hot = _one_hot(y, classes, x)
     z = margin - (x * hot).sum(1, keepdim=True) + x
@@ -366,27 +376,108 @@ def multi_margin_loss_vjp(grad, self, target, needs, p=1, margin=1, weight=None,
     d = active if p == 1 else p * z.pow(p - 1) * active
     if weight is not None:
         d = d * (hot * weight).sum(1, keepdim=True)
-    d = d * (_per_row_cotangent(grad, x.shape[0], reduction) / classes)
-    d = d - hot * d.sum(1, keepdim=True)
-    return (d.reshape(self.shape),)
+    d = d / classes
+    return d - hot * d.sum(1, keepdim=True)
 
 
-@register_vjp(aten.multilabel_margin_loss_forward.default)
-def multilabel_margin_loss_vjp(grad, self, target, reduction, result):
-    """loss_n = sum_{j valid} sum_{i not a target} max(0, 1 - x[y_j] + x[i]) / C,
+def _multilabel_margin_row_gradients(x, y, is_target):
+    """[N, C]: the gradient of each row's loss with respect to its row.
+    loss_n = sum_{j valid} sum_{i not a target} max(0, 1 - x[y_j] + x[i]) / C,
     where the valid slots j are those before the first -1 of the target row.
     # pairs [N, slot j, class i]: active where the margin is violated
     """
-    if grad[0] is None:
-        return (None,)
-    x, y = _rows(self, target)
-    is_target = result[1].reshape(x.shape)
+    is_target = is_target.reshape(x.shape)
     classes = x.shape[1]
     valid = ((y < 0).cumsum(1) == 0).to(x.dtype)  # [N, S]
     slots = _one_hot(y.clamp_min(0), classes, x) * valid.unsqueeze(-1)  # [N, S, C]
     x_target = (slots * x.unsqueeze(1)).sum(2, keepdim=True)  # [N, S, 1]
     margins = 1 - x_target + x.unsqueeze(1)  # [N, S, C]
     active = (margins > 0).to(x.dtype) * valid.unsqueeze(-1) * (1 - is_target).unsqueeze(1)
-    scale = _per_row_cotangent(grad[0], x.shape[0], reduction) / classes  # [N, 1] or scalar
-    d = active.sum(1) - (slots * active.sum(2, keepdim=True)).sum(1)
-    return ((d * scale).reshape(self.shape),)
+    return (active.sum(1) - (slots * active.sum(2, keepdim=True)).sum(1)) / classes
+
+
+@register_vjp(aten.multi_margin_loss.default)
+def multi_margin_loss_vjp(grad, self, target, needs, p=1, margin=1, weight=None, reduction=_MEAN):
+    _no_class_weight_gradient(aten.multi_margin_loss.default, needs, 4)
+    x, y = _rows(self, target)
+    d = _multi_margin_row_gradients(x, y, p, margin, weight) * _per_row_cotangent(grad, x.shape[0], reduction)
+    return (d.reshape(self.shape),)
+
+
+@register_vjp(aten.multilabel_margin_loss_forward.default)
+def multilabel_margin_loss_vjp(grad, self, target, reduction, result):
+    if grad[0] is None:
+        return (None,)
+    x, y = _rows(self, target)
+    scale = _per_row_cotangent(grad[0], x.shape[0], reduction)  # [N, 1] or scalar
+    return ((_multilabel_margin_row_gradients(x, y, result[1]) * scale).reshape(self.shape),)
+
+
+# -- JVPs ---------------------------------------------------------------------
+# derivatives.yaml's forward formulas: the pointwise losses' tangent is the
+# sum over arguments of partial derivative times tangent, reduced as the loss
+# is (apply_loss_reduction), from the same partials as their VJPs (so the
+# arguments torch does not differentiate, but the VJPs do, get tangents too);
+# nll_loss is linear in its input; the margin losses are piecewise linear,
+# so each row's tangent is its gradient's inner product with the tangent.
+
+
+def _reduced(loss, reduction):
+    if reduction == _MEAN:
+        return loss.mean()
+    if reduction == _SUM:
+        return loss.sum()
+    return loss
+
+
+def pointwise_loss_jvp(partials):
+    """The JVP rule of a pointwise loss from ``partials`` (see
+    :func:`pointwise_loss_vjp`): sum_i d_i t_i over the arguments with a
+    tangent, then the loss's reduction."""
+
+    def rule(tangents, reduction=_MEAN, **saved):
+        ds = partials(tuple(t is not None for t in tangents), **saved)
+        total = None
+        for d, t in zip(ds, tangents):
+            if d is not None and t is not None:
+                total = _add(total, d * t)
+        return None if total is None else _reduced(total, reduction)
+
+    return _naming_partials_arguments(rule, partials, ("tangents",), "pointwise_loss_jvp")
+
+
+for _op, _partials in _POINTWISE_LOSS_PARTIALS.items():
+    register_jvp(_op)(pointwise_loss_jvp(_partials))
+
+
+@register_jvp(aten.nll_loss_forward.default, aten.nll_loss2d_forward.default)
+def nll_loss_jvp(op, self_t, weight_t, target, weight, reduction, ignore_index):
+    """Linear in the input (total_weight, a sum of class weights, has no tangent)."""
+    _no_class_weight_gradient(op, (False, False, weight_t is not None), 2, transform="jvp")
+    if self_t is None:
+        return None
+    return op(self_t, target, weight, reduction, ignore_index)[0], None
+
+
+register_jvp(aten.nll_loss_backward.default, aten.nll_loss2d_backward.default)(linear_in_first_jvp)
+
+
+def _row_tangents(gradients, self_t, reduction, like):
+    """A margin loss's tangent from each row's gradient [N, C]: the inner
+    product with the row's tangent, reduced as the loss is (``like``: the
+    unreduced loss's shape, [N] or [])."""
+    rows = (gradients * self_t.reshape(gradients.shape)).sum(1)
+    return rows.reshape(like.shape) if reduction == _NONE else _reduced(rows, reduction)
+
+
+@register_jvp(aten.multi_margin_loss.default)
+def multi_margin_loss_jvp(self, self_t, weight_t, target, result, p=1, margin=1, weight=None, reduction=_MEAN):
+    _no_class_weight_gradient(aten.multi_margin_loss.default, (False,) * 4 + (weight_t is not None,), 4, "jvp")
+    x, y = _rows(self, target)
+    return _row_tangents(_multi_margin_row_gradients(x, y, p, margin, weight), self_t, reduction, result)
+
+
+@register_jvp(aten.multilabel_margin_loss_forward.default)
+def multilabel_margin_loss_jvp(self, self_t, target, reduction, result):
+    x, y = _rows(self, target)
+    return _row_tangents(_multilabel_margin_row_gradients(x, y, result[1]), self_t, reduction, result[0]), None

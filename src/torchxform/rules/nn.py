@@ -14,10 +14,14 @@ import math
 
 import torch
 
-from .._core.registry import overloads, register_batching, register_batching_each, register_vjp
+from .._core.interpreter import register_patch
+from .._core.registry import overloads, register_batching, register_batching_each, register_jvp, register_vjp
 from ._batching import batch_size, front_padded, logical_rank, move_bdim_to_front, raise_as_eager, wrap_dim
+from ._derivatives import linear_jvp
 from .elementwise import broadcast_batched, reduce_to
-from .pooling import _channels_to_front, _fold, _like_input, _materialize, _unfold, register_fold
+from .pooling import (
+    _add, _channels_to_front, _fold, _like_input, _materialize, _unfold, linear_in_first_jvp, register_fold,
+)
 from ..transforms.vmap import RANDOMNESS_ERROR_MESSAGE, current_vmap
 
 aten = torch.ops.aten
@@ -142,6 +146,14 @@ def glu_batch(bdims, x, dim=-1):
 
 
 # -- attention ----------------------------------------------------------------------
+# nn.MultiheadAttention and nn.TransformerEncoderLayer take a fused "fast
+# path" kernel (_native_multi_head_attention, _transformer_encoder_layer_fwd)
+# in eval mode without grad, chosen in Python because our tracers carry no
+# __torch_function__.  While transforms run, the fast path is off: the
+# modules then run their ordinary ops (linear, sdpa, layer_norm, ...), which
+# have rules under every transform; torch.func too differentiates the slow
+# path only.  See NOTE [Patches while transforms run].
+register_patch(torch.backends.mha, "get_fastpath_enabled", lambda: False)
 
 
 @register_batching(aten._scaled_dot_product_flash_attention_for_cpu.default, batched_kwargs=True)
@@ -365,12 +377,10 @@ def grid_sampler_backward_batch(op, bdims, grad_output, input, grid, *options):
     return tuple(_unfold(g, 0, batch) for g in grads), 0
 
 
-@register_vjp(aten.grid_sampler_2d_backward.default)
-def grid_sampler_2d_backward_vjp(grad, grad_output, input, grid, interpolation_mode, padding_mode, align_corners):
-    """Second order: the VJP of (grad_output, input, grid) -> the first-order
-    VJP of torch._decomp's grid_sampler_2d (the same function the kernel
-    computes), taken by this library's own vjp.  Bilinear and bicubic
-    weights have cross terms in the grid, which this gets for free."""
+def _decomposed_grid_sampler_2d_vjp(*options):
+    """(grad_output, input, grid) -> grid_sampler_2d's (grad_input,
+    grad_grid), by this library's vjp of torch._decomp's grid_sampler_2d
+    (the function the kernel computes, in differentiable ops)."""
     from torch._decomp import decomposition_table
 
     from ..transforms.reverse import vjp
@@ -378,9 +388,20 @@ def grid_sampler_2d_backward_vjp(grad, grad_output, input, grid, interpolation_m
     sample = decomposition_table[aten.grid_sampler_2d.default]
 
     def first_order(grad_output, input, grid):
-        _, pullback = vjp(lambda x, g: sample(x, g, interpolation_mode, padding_mode, align_corners), input, grid)
-        return pullback(grad_output)
+        return vjp(lambda x, g: sample(x, g, *options), input, grid)[1](grad_output)
 
+    return first_order
+
+
+@register_vjp(aten.grid_sampler_2d_backward.default)
+def grid_sampler_2d_backward_vjp(grad, grad_output, input, grid, interpolation_mode, padding_mode, align_corners):
+    """Second order: the VJP of (grad_output, input, grid) -> the first-order
+    VJP of torch._decomp's grid_sampler_2d (the same function the kernel
+    computes), taken by this library's own vjp.  Bilinear and bicubic
+    weights have cross terms in the grid, which this gets for free."""
+    from ..transforms.reverse import vjp
+
+    first_order = _decomposed_grid_sampler_2d_vjp(interpolation_mode, padding_mode, align_corners)
     cotangents = tuple(torch.zeros_like(like) if g is None else g for g, like in zip(grad, (input, grid)))
     _, pullback = vjp(first_order, grad_output, input, grid)
     return pullback(cotangents)
@@ -406,6 +427,19 @@ def glu_vjp(grad, self, dim=-1):
 # -- attention ----------------------------------------------------------------------
 
 
+def _attention_probabilities(query, key, logsumexp, is_causal, attn_mask, scale):
+    """The attention probabilities P = exp(S - logsumexp) of the scores
+    S = scale q k^T + mask, and the scale."""
+    factor = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    scores = torch.matmul(query, key.transpose(-2, -1)) * factor
+    if is_causal:
+        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~keep, -math.inf)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return (scores - logsumexp.unsqueeze(-1)).exp().to(query.dtype), factor  # logsumexp may be kept in float
+
+
 @register_vjp(aten._scaled_dot_product_flash_attention_for_cpu.default)
 def sdpa_flash_cpu_vjp(
     grad, query, key, value, result, needs, is_causal=False, attn_mask=None, scale=None, kwarg_needs=None
@@ -425,14 +459,7 @@ def sdpa_flash_cpu_vjp(
     mask_grad = bool(kwarg_needs) and kwarg_needs.get("attn_mask", False)
     grad_out, grad_lse = grad
     out, lse = result
-    factor = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
-    scores = torch.matmul(query, key.transpose(-2, -1)) * factor
-    if is_causal:
-        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~keep, -math.inf)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
-    probs = (scores - lse.unsqueeze(-1)).exp().to(query.dtype)  # logsumexp may be kept in float
+    probs, factor = _attention_probabilities(query, key, lse, is_causal, attn_mask, scale)
     grad_scores = grad_value = None
     if grad_out is not None:
         if needs[2]:
@@ -453,3 +480,129 @@ def sdpa_flash_cpu_vjp(
     if kwarg_needs:
         return grad_query, grad_key, grad_value, kwarg_grads
     return grad_query, grad_key, grad_value
+
+
+# -- JVPs ---------------------------------------------------------------------
+
+# reflection/replication padding and upsampling: op names, each with a `<name>_backward`
+_RESAMPLING_NAMES = [f"{kind}_pad{k}d" for k in (1, 2, 3) for kind in ("reflection", "replication")]
+_RESAMPLING_NAMES += [name for names in _UPSAMPLE.values() for name in names]
+
+# Padding, resampling, shuffles, im2col/col2im and affine_grid are linear: the
+# op on the tangent (a pad's fill value is data, with tangent 0).
+register_jvp(aten.constant_pad_nd.default)(linear_jvp(zero=("value",)))
+register_jvp(
+    *(getattr(aten, name).default for name in _RESAMPLING_NAMES),
+    aten.pixel_shuffle.default,
+    aten.pixel_unshuffle.default,
+    aten.channel_shuffle.default,
+    *overloads(aten.native_channel_shuffle, "default"),
+    aten.im2col.default,
+    aten.col2im.default,
+    aten.affine_grid_generator.default,
+)(linear_jvp())
+# Their backward kernels: linear in grad_output.
+register_jvp(*(getattr(aten, f"{name}_backward").default for name in _RESAMPLING_NAMES))(linear_in_first_jvp)
+
+
+@register_jvp(aten._prelu_kernel.default)
+def prelu_jvp(self, weight, self_t, weight_t):
+    """derivatives.yaml: where(x >= 0, dx, w dx + dw x)."""
+    negative = None if self_t is None else weight * self_t
+    if weight_t is not None:
+        negative = _add(negative, weight_t * self)
+    return torch.where(self >= 0, 0.0 if self_t is None else self_t, negative)
+
+
+@register_jvp(aten.glu.default)
+def glu_jvp(self, self_t, result, dim=-1):
+    """derivatives.yaml's glu_jvp: glu = a sigmoid(b) for the halves (a, b)
+    of self along dim, so d glu = da sigmoid(b) + glu (1 - sigmoid(b)) db."""
+    a_t, b_t = self_t.chunk(2, dim)
+    gate = self.chunk(2, dim)[1].sigmoid()
+    return a_t * gate + result * (1 - gate) * b_t
+
+
+@register_jvp(aten.grid_sampler_2d.default, aten.grid_sampler_3d.default)
+def grid_sampler_jvp(op, input, grid, input_t, grid_t, interpolation_mode, padding_mode, align_corners):
+    """Linear in the input: the op on its tangent.  In the grid, out[n, c, p]
+    moves by d out[n, c, p] / d grid[n, p] . grid_t[n, p].  The backward
+    kernel sums those slopes over channels, so each channel becomes an
+    example of its own, and a cotangent of ones gets every slope in one call:
+
+    # input [N, C, *S] -> [N*C, 1, *S];  grid [N, *So, k] -> [N*C, *So, k]
+    # slopes [N*C, *So, k] -> [N, C, *So, k] . grid_t [N, 1, *So, k] -> [N, C, *So]
+    """
+    options = (interpolation_mode, padding_mode, align_corners)
+    out = None if input_t is None else op(input_t, grid, *options)
+    if grid_t is not None:
+        n, c = input.shape[:2]
+        per_point = tuple(grid.shape[1:])
+        channels = input.reshape((n * c, 1) + tuple(input.shape[2:]))
+        grids = grid.unsqueeze(1).expand((n, c) + per_point).reshape((n * c,) + per_point)
+        ones = grid.new_ones((n * c, 1) + per_point[:-1])
+        slopes = _GRID_SAMPLER_BACKWARD[op](ones, channels, grids, *options, [False, True])[1]
+        out = _add(out, (slopes.view((n, c) + per_point) * grid_t.unsqueeze(1)).sum(-1))
+    return out
+
+
+@register_jvp(aten.grid_sampler_2d_backward.default)
+def grid_sampler_2d_backward_jvp(grad_output, input, grid, grad_output_t, input_t, grid_t, interpolation_mode,
+                                 padding_mode, align_corners, output_mask):
+    """Linear in grad_output (both outputs); grad_grid is linear in the input
+    too (grad_input does not depend on it).  The grid's tangent goes through
+    the sampling's curvature: this library's jvp of the decomposed first
+    derivative (as this op's VJP takes its vjp)."""
+    from ..transforms.forward import jvp
+
+    options = (interpolation_mode, padding_mode, align_corners)
+    backward = aten.grid_sampler_2d_backward.default
+    grads = [None, None]
+    if grad_output_t is not None:
+        grads = list(backward(grad_output_t, input, grid, *options, output_mask))
+    if input_t is not None and output_mask[1]:
+        grads[1] = _add(grads[1], backward(grad_output, input_t, grid, *options, [False, True])[1])
+    if grid_t is not None:
+        first_order = _decomposed_grid_sampler_2d_vjp(*options)
+        _, curvature = jvp(lambda g: first_order(grad_output, input, g), (grid,), (grid_t,))
+        grads = [_add(g, term) if wanted else g for g, term, wanted in zip(grads, curvature, output_mask)]
+    return tuple(grads)
+
+
+@register_jvp(aten._scaled_dot_product_flash_attention_for_cpu.default)
+def sdpa_flash_cpu_jvp(query, key, value, query_t, key_t, value_t, result, is_causal=False, attn_mask=None,
+                       scale=None):
+    """From the probabilities P of the scores S = scale q k^T + mask (see
+    the VJP above): dS = scale (dq k^T + q dk^T), and
+
+        d logsumexp = rowsum(P * dS),  dP = P * (dS - d logsumexp),
+        d out = dP v + P dv.
+
+    logsumexp gets its tangent (torch marks it non-differentiable; see the
+    VJP).  The mask is keyword-only, so it carries no tangent here."""
+    out, lse = result
+    probs, factor = _attention_probabilities(query, key, lse, is_causal, attn_mask, scale)
+    out_t = None if value_t is None else torch.matmul(probs, value_t)
+    scores_t = None
+    if query_t is not None:
+        scores_t = torch.matmul(query_t, key.transpose(-2, -1))
+    if key_t is not None:
+        scores_t = _add(scores_t, torch.matmul(query, key_t.transpose(-2, -1)))
+    if scores_t is None:
+        return _laid_out_like(out_t, out), None
+    scores_t = scores_t * factor
+    lse_t = (probs * scores_t).sum(-1, keepdim=True)
+    out_t = _add(out_t, torch.matmul(probs * (scores_t - lse_t), value))
+    return _laid_out_like(out_t, out), lse_t.squeeze(-1).to(lse.dtype)
+
+
+def _laid_out_like(tangent, like):
+    """``tangent`` in ``like``'s memory layout.  The kernel's output is
+    [N, H, L, E] stored as [N, L, H, E], and callers view it as such
+    (multi_head_attention_forward: ``.permute(2, 0, 1, 3).reshape(...)``
+    is a view of the output): the tangent must allow the same views."""
+    if tangent.stride() == like.stride():
+        return tangent
+    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))  # outermost dim first
+    inverse = sorted(range(like.dim()), key=order.__getitem__)
+    return tangent.permute(order).contiguous().permute(inverse)

@@ -14,9 +14,9 @@ import math
 
 import torch
 
-from .._core.registry import register_batching, register_batching_each, register_vjp
+from .._core.registry import register_batching, register_batching_each, register_jvp, register_vjp
 from ._batching import batch_size, front_padded, logical_rank, move_bdim_to_front, raise_as_eager
-from .pooling import _channels_to_front, _fold, _like_input, _materialize, _unfold
+from .pooling import _add, _channels_to_front, _fold, _like_input, _materialize, _unfold
 
 aten = torch.ops.aten
 
@@ -274,3 +274,101 @@ def group_norm_vjp(grad, input, weight, N, C, HxW, group, result, needs):
     # statistics [N, group] -> [N, group, 1] against input [N, group, C/group * HxW]
     count = (C // group) * HxW
     return _plus_statistics(grads, grad, needs, input, result, count, (N, group, 1), (N, group, count))
+
+
+# -- JVPs ---------------------------------------------------------------------
+# derivatives.yaml's batch_norm_jvp, layer_norm_jvp and group_norm_jvp, with
+# tangents for the mean and inverse standard deviation outputs too (NOTE
+# [Normalization statistics are differentiable outputs]: the backward kernels
+# read them, so forward-over-reverse needs their tangents).
+
+
+def _normalization_jvp(x, x_t, mean, rstd, dims, weight, weight_t, bias_t, param_shape, out_shape, statistics=True):
+    """Tangents of out = x_hat * weight + bias, x_hat = (x - mean) * rstd.
+
+    ``x``, ``x_t``, ``mean`` and ``rstd`` come in the layout the statistics
+    are taken in (over ``dims``, biased variance; mean and rstd broadcast
+    against x); ``out_shape`` is the output's shape and ``param_shape`` how
+    the affine parameters broadcast against it.  With ``statistics`` the
+    statistics are functions of x:
+
+        d mean = mean(dx),  d rstd = -rstd^3 mean((x - mean) dx)
+        d x_hat = (dx - d mean) rstd + (x - mean) d rstd
+
+    (else, eval-mode batch norm, they are constants).  Returns (out_t,
+    mean_t, rstd_t), the last two in mean's layout (None without them).
+    """
+    dtype = x.dtype  # statistics may be kept in float for low-precision inputs
+    out_t = mean_t = rstd_t = None
+    if x_t is not None:
+        if statistics:
+            mean_t = x_t.mean(dims, keepdim=True)
+            rstd_t = -rstd.pow(3) * ((x - mean) * x_t).mean(dims, keepdim=True)
+            out_t = (x_t - mean_t) * rstd + (x - mean) * rstd_t
+            mean_t, rstd_t = mean_t.to(mean.dtype), rstd_t.to(rstd.dtype)
+        else:
+            out_t = x_t * rstd
+        out_t = out_t.reshape(out_shape)
+        if weight is not None:
+            out_t = out_t * weight.reshape(param_shape)
+    if weight_t is not None:
+        out_t = _add(out_t, ((x - mean) * rstd).reshape(out_shape) * weight_t.reshape(param_shape))
+    if bias_t is not None:
+        bias_t = bias_t.reshape(param_shape)
+        out_t = bias_t.expand(out_shape) if out_t is None else out_t + bias_t
+    return None if out_t is None else out_t.to(dtype), mean_t, rstd_t
+
+
+def _batch_norm_jvp(input, input_t, weight, weight_t, bias_t, running_mean, running_var, result, training, eps):
+    # per-channel statistics and parameters: [C] -> [1, C, 1, ...] against input [N, C, *S]
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    dims = (0,) + tuple(range(2, input.dim()))
+    if training:
+        mean, rstd = result[1].view(shape), result[2].view(shape)
+    else:  # eval mode: the running statistics, constants; the statistics outputs are empty
+        mean, rstd = running_mean.view(shape), (running_var + eps).rsqrt().view(shape)
+    out_t, mean_t, rstd_t = _normalization_jvp(
+        input, input_t, mean, rstd, dims, weight, weight_t, bias_t, shape, input.shape, statistics=training
+    )
+    if mean_t is None:
+        return out_t, None, None
+    return out_t, mean_t.view(-1), rstd_t.view(-1)
+
+
+@register_jvp(aten.native_batch_norm.default, aten._native_batch_norm_legit.default)
+def batch_norm_jvp(input, input_t, weight, weight_t, bias_t, running_mean, running_var, training, eps, result):
+    return _batch_norm_jvp(input, input_t, weight, weight_t, bias_t, running_mean, running_var, result, training, eps)
+
+
+@register_jvp(aten._native_batch_norm_legit.no_stats)
+def batch_norm_no_stats_jvp(input, input_t, weight, weight_t, bias_t, training, eps, result):
+    return _batch_norm_jvp(input, input_t, weight, weight_t, bias_t, None, None, result, training, eps)
+
+
+@register_jvp(aten._native_batch_norm_legit_no_training.default)
+def batch_norm_no_training_jvp(input, input_t, weight, weight_t, bias_t, running_mean, running_var, eps, result):
+    return _batch_norm_jvp(input, input_t, weight, weight_t, bias_t, running_mean, running_var, result, False, eps)
+
+
+@register_jvp(aten.native_layer_norm.default)
+def layer_norm_jvp(input, input_t, normalized_shape, weight, weight_t, bias_t, result):
+    # statistics over the trailing dims, kept as size 1: they broadcast as they are
+    dims = tuple(range(input.dim() - len(normalized_shape), input.dim()))
+    return _normalization_jvp(
+        input, input_t, result[1], result[2], dims, weight, weight_t, bias_t, tuple(normalized_shape), input.shape
+    )
+
+
+@register_jvp(aten.native_group_norm.default)
+def group_norm_jvp(input, input_t, weight, weight_t, bias_t, N, C, HxW, group, result):
+    # input [N, C, *S] -> [N, group, C/group * HxW];  statistics [N, group] -> [N, group, 1]
+    grouped = (N, group, C // group * HxW)
+    mean, rstd = result[1].view(N, group, 1), result[2].view(N, group, 1)
+    x_t = None if input_t is None else input_t.reshape(grouped)
+    out_t, mean_t, rstd_t = _normalization_jvp(
+        input.reshape(grouped), x_t, mean, rstd, 2, weight, weight_t, bias_t, (C,) + (1,) * (input.dim() - 2),
+        input.shape,
+    )
+    if mean_t is None:
+        return out_t, None, None
+    return out_t, mean_t.view(N, group), rstd_t.view(N, group)

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from .._core.registry import overloads, register_batching_each, register_vjp
+from .._core.registry import overloads, register_batching_each, register_jvp, register_vjp
 from ._batching import batch_size, logical_rank, move_bdim_to_front, raise_as_eager
+from ._derivatives import linear_jvp
 
 aten = torch.ops.aten
 Tensor = torch.Tensor
@@ -222,3 +223,38 @@ def adaptive_avg_pool_vjp(grad, op, inputs_meta):
 def adaptive_avg_pool_backward_vjp(grad, op, inputs_meta):
     forward, spatial = _FORWARD[op]
     return (forward(grad, list(inputs_meta[0][0][-spatial:])),)
+
+
+# -- JVPs ---------------------------------------------------------------------
+
+
+def linear_in_first_jvp(op, primals, tangents, kwargs, result):
+    """A raw JVP rule for backward kernels, linear in their first argument
+    (grad_output): the other arguments are the forward's input (read for
+    its shape only), saved indices, sizes or statistics, whose tangents do
+    not enter.  The tangent is the kernel applied to grad_output's."""
+    if tangents[0] is None:
+        return None
+    return op(tangents[0], *primals[1:], **kwargs)
+
+
+linear_in_first_jvp.raw_jvp = True
+
+
+def _add(total, term):
+    """A sum of tangent terms, None (zero) so far."""
+    return term if total is None else total + term
+
+
+_AVERAGE_POOLS = (
+    aten.avg_pool2d.default, aten.avg_pool3d.default, aten._adaptive_avg_pool2d.default, aten._adaptive_avg_pool3d.default
+)
+register_jvp(*_AVERAGE_POOLS)(linear_jvp())  # linear: the op on the tangent
+register_jvp(*_FORWARD)(linear_in_first_jvp)  # every backward kernel: linear in grad_output
+
+
+@register_jvp(*(op for op in _BACKWARD if op not in _AVERAGE_POOLS))
+def max_pool_jvp(op, self_t, result):
+    """The tangent read at the argmax indices (derivatives.yaml: a gather
+    of self_t at result1); the indices have none."""
+    return _gather_at(self_t, result[1], _BACKWARD[op][1]), None

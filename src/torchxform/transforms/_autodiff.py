@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 from .._core.dispatch import bind, dispatch_keys_restored, needs_dispatch_keys
 from .._core.interpreter import STATE
+from .._core.tracer import Tracer
 
 
 def replay_view(chain, base):
@@ -18,6 +21,17 @@ def replay_view(chain, base):
         if index is not None:
             base = base[index]
     return base
+
+
+def ready_for_write(zeros, value):
+    """``zeros`` (fresh), made ready to take ``value`` in place in a view of
+    it.  A fresh tensor belongs to no outer transform, while ``value`` (a
+    tangent or cotangent) may be batched by an outer vmap, and a batched
+    write into an unbatched tensor is an error: so the zeros take on every
+    level ``value`` has, through a zero scalar derived from it."""
+    if isinstance(value, Tracer):
+        zeros = zeros + torch.zeros_like(value.reshape(-1)[:1]).sum()
+    return zeros
 
 
 def schema_bindings(op, rule, special: tuple[str, ...]):

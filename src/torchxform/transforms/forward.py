@@ -19,6 +19,13 @@ replaces its tangent; one on a view replaces the root's tangent by a copy
 with the view's region overwritten.  Either way the root's tangent epoch
 moves on and its views re-derive their tangents when next used.
 
+NOTE [Tangent layout]
+A root's tangent is kept in its primal's memory layout when the primal is
+dense (as torch's forward AD does): view ops read strides (``view`` decides
+whether it can alias, ``as_strided`` addresses storage), and the tangent of
+a view is the same view op applied to the root's tangent, so a tangent laid
+out differently would fail or, for ``as_strided``, give wrong numbers.
+
 NOTE [JVP from a VJP]
 A VJP rule computes u -> J^T u, linear in u.  For an op without a JVP rule,
 its JVP J t is the gradient with respect to u of <J^T u, t>: the VJP rule
@@ -40,7 +47,7 @@ from .._core.interpreter import Interpreter, interpreting
 from .._core.registry import JVP_RULES, NONDIFFERENTIABLE, VJP_RULES, on_rules_changed
 from .._core.schema import metadata_inplace_counterpart, mutates_self
 from .._core.tracer import Tracer, apply_metadata_op
-from ._autodiff import bound_value, lower, replay_view, schema_bindings
+from ._autodiff import bound_value, lower, replay_view, ready_for_write, schema_bindings
 
 Tensor = torch.Tensor
 _make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
@@ -88,6 +95,23 @@ def make_dual(primal, interp, tangent=None, view=None, epoch=None) -> DualTensor
     t._view = view
     t._epoch = epoch if epoch is not None else [0]
     return t
+
+
+def in_layout_of(primal, tangent):
+    """``tangent`` with ``primal``'s strides (a copy if it had others), when
+    ``primal`` is dense.  See NOTE [Tangent layout]."""
+    strides = primal.stride()
+    if tangent.stride() == strides or primal.dim() < 2:
+        return tangent
+    order = sorted(range(primal.dim()), key=lambda d: -strides[d])  # outermost dim first
+    expected = 1
+    for d in reversed(order):  # dense: each stride is the size of what lies inside it
+        size = primal.shape[d]
+        if size != 1 and strides[d] != expected:
+            return tangent  # overlapping or with gaps (expanded, sliced): no layout to copy
+        expected *= size
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return tangent.permute(order).contiguous().permute(inverse)
 
 
 def tangent_of(x: DualTensor):
@@ -326,20 +350,20 @@ class JvpInterpreter(Interpreter):
             link = (op, tuple(args[1:]), kwargs, view_index)
             chain = (view.chain if view is not None else ()) + (link,)
             return make_dual(value, self, tangent, ForwardView(root, chain, root._epoch[0]), root._epoch)
-        return make_dual(value, self, tangent)
+        return make_dual(value, self, tangent if tangent is None else in_layout_of(value, tangent))
 
     def _finish_inplace(self, target, new_tangent, need):
         """See NOTE [Tangents of views]."""
         view = target._view
         if view is None:
             if need or target._tangent is not None:
-                target._tangent = new_tangent
+                target._tangent = new_tangent if new_tangent is None else in_layout_of(target._primal, new_tangent)
                 target._epoch[0] += 1
             return target
         root = view.root
         if new_tangent is None and root._tangent is None:
             return target
-        base = root._tangent.clone() if root._tangent is not None else torch.zeros_like(root._primal)
+        base = root._tangent.clone() if root._tangent is not None else ready_for_write(torch.zeros_like(root._primal), new_tangent)
         region = replay_view(view.chain, base)
         if new_tangent is None:
             region.zero_()
@@ -555,13 +579,17 @@ def jvp_with_argnums(func: Callable, args: tuple, tangents: Any, argnums, has_au
         positions = _check_argnums(argnums, len(args))
         chosen = (positions,) if isinstance(positions, int) else positions
         tangent_args = (tangents,) if isinstance(positions, int) else tangents
+    # Laid out before the level exists, so that these are ops of the level below.
+    flat_tangents = {
+        i: [in_layout_of(p, t) for p, t in zip(tree_flatten(args[i])[0], tree_flatten(tangent_args[chosen.index(i)])[0])]
+        for i in chosen
+    }
     with interpreting(JvpInterpreter()) as interp:
         wrapped = list(args)
         for i in range(len(args)):
             flat, spec = tree_flatten(args[i])
             if i in chosen:
-                flat_t = tree_flatten(tangent_args[chosen.index(i)])[0]
-                flat = [make_dual(p, interp, t) for p, t in zip(flat, flat_t)]
+                flat = [make_dual(p, interp, t) for p, t in zip(flat, flat_tangents[i])]
             else:
                 flat = [make_dual(p, interp) if isinstance(p, Tensor) else p for p in flat]
             wrapped[i] = tree_unflatten(flat, spec)

@@ -41,7 +41,7 @@ from .._core.interpreter import Interpreter, interpreting
 from .._core.registry import NONDIFFERENTIABLE, VJP_RULES, on_rules_changed
 from .._core.schema import metadata_inplace_counterpart, mutates_self
 from .._core.tracer import Tracer, apply_metadata_op
-from ._autodiff import lower, replay_view, schema_bindings
+from ._autodiff import lower, ready_for_write, replay_view, schema_bindings
 
 Tensor = torch.Tensor
 _make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
@@ -634,7 +634,7 @@ def _scatter_pullback(chain, cotangents):
 
 def _view_of_base_pullback(chain, base_shape, cotangents):
     (grad,) = cotangents
-    base_grad = grad.new_zeros(base_shape)
+    base_grad = ready_for_write(grad.new_zeros(base_shape), grad)
     replay_view(chain, base_grad).copy_(grad)
     return (base_grad,)
 
