@@ -2,6 +2,8 @@
 
 from . import rules as _rules  # noqa: F401  (registers every rule)
 from ._core.errors import SlowFallbackWarning
+from ._core.tracer import debug_unwrap
+from .extend import register_batch_rule, register_jvp, register_vjp
 from .nn import functional_call, replace_all_batch_norm_modules_, stack_module_state
 from .transforms.forward import jvp
 from .transforms.jacobians import hessian, jacfwd, jacrev, linearize
@@ -21,6 +23,10 @@ __all__ = [
     "functional_call",
     "stack_module_state",
     "replace_all_batch_norm_modules_",
+    "debug_unwrap",
+    "register_batch_rule",
+    "register_vjp",
+    "register_jvp",
     "SlowFallbackWarning",
 ]
 __version__ = "0.1.0"

@@ -85,7 +85,7 @@ def _overloads(ops) -> Iterable[OpOverload]:
                 f"pick one of {op.overloads()} (e.g. {op}.{op.overloads()[0]})"
             )
         if not isinstance(op, OpOverload):
-            raise TypeError(f"expected a torch OpOverload such as torch.ops.aten.sin.default, got {op!r}")
+            raise TypeError(f"expected a torch OpOverload such as torch.ops.aten.sin.default (or a torch.library.custom_op), got {op!r}")
         yield op
 
 
@@ -98,10 +98,11 @@ def register_batching(*ops: OpOverload, error: bool = False, batched_kwargs: boo
     ``batched_kwargs=True`` rules that handle batched keyword-only tensors
     (see ``KWARG_BATCH_RULES``).
     """
+    ops = tuple(_overloads(ops))  # bad ops raise here, where they are named
 
     def decorator(rule: Callable) -> Callable:
         many = len(ops) > 1
-        for op in _overloads(ops):
+        for op in ops:
             BATCH_RULES[op] = functools.partial(rule, op) if many else rule
             if error:
                 ERROR_RULES.add(op)
@@ -123,9 +124,10 @@ def register_batching_each(ops: Iterable[OpOverload], rule: Callable, **options)
 def register_vjp(*ops: OpOverload):
     """Decorator: register ``rule`` as the VJP rule of each op in ``ops``
     (see the module docstring for the signature)."""
+    ops = tuple(_overloads(ops))
 
     def decorator(rule: Callable) -> Callable:
-        for op in _overloads(ops):
+        for op in ops:
             VJP_RULES[op] = rule
         _changed()
         return rule
@@ -136,9 +138,10 @@ def register_vjp(*ops: OpOverload):
 def register_jvp(*ops: OpOverload):
     """Decorator: register ``rule`` as the JVP rule of each op in ``ops``
     (see ``JVP_RULES`` for the signature)."""
+    ops = tuple(_overloads(ops))
 
     def decorator(rule: Callable) -> Callable:
-        for op in _overloads(ops):
+        for op in ops:
             JVP_RULES[op] = rule
         _changed()
         return rule

@@ -20,7 +20,7 @@ class Tracer(torch.Tensor):
     """Base class of every transform's tracked values.
 
     Subclasses set ``_interp`` (their interpreter) and their payload, and
-    implement ``_payload_repr`` and ``_dead_value``.
+    implement ``_payload_repr``, ``_dead_value`` and ``_underlying``.
     """
 
     _interp = None  # the Interpreter this tracer belongs to
@@ -44,6 +44,10 @@ class Tracer(torch.Tensor):
 
     def _dead_value(self):
         """The value that stands for this tracer once its transform ended."""
+        raise NotImplementedError
+
+    def _underlying(self) -> torch.Tensor:
+        """The tensor this tracer wraps, one level down (for debug_unwrap)."""
         raise NotImplementedError
 
     def __repr__(self, *, tensor_contents=None) -> str:
@@ -154,3 +158,33 @@ def _tensor_index(tensor, index):
     if separated:
         return converted, 0
     return converted, sum(result_dims(items[k]) for k in range(first))
+
+
+def debug_unwrap(tensor: torch.Tensor, *, recurse: bool = True) -> torch.Tensor:
+    """Unwraps a torchxform tracer (a ``BatchedTensor``, ``GradTensor`` or
+    ``DualTensor``) to the tensor it wraps, for debugging; other tensors are
+    returned as they are.
+
+    A BatchedTensor unwraps to its physical tensor, batch dim included; a
+    GradTensor or DualTensor to its primal value.
+
+    Args:
+        tensor (Tensor): the tensor to unwrap.
+        recurse (bool): If True, unwrap every level down to a plain tensor;
+            otherwise one level only. Default: True.
+
+    Returns:
+        Tensor: the unwrapped tensor.
+
+    Example::
+
+        >>> import torch
+        >>> from torchxform import debug_unwrap, vmap
+        >>> vmap(lambda x: debug_unwrap(x).shape)(torch.randn(3, 2))  # doctest: +SKIP
+        torch.Size([3, 2])
+    """
+    while isinstance(tensor, Tracer):
+        tensor = tensor._underlying()
+        if not recurse:
+            break
+    return tensor

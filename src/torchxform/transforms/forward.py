@@ -86,6 +86,9 @@ class DualTensor(Tracer):
     def _dead_value(self):
         return self._primal
 
+    def _underlying(self):
+        return self._primal
+
 
 def make_dual(primal, interp, tangent=None, view=None, epoch=None) -> DualTensor:
     t = _make_wrapper_subclass(DualTensor, primal.shape, primal.stride(), dtype=primal.dtype, device=primal.device)

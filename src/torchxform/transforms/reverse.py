@@ -184,6 +184,9 @@ class GradTensor(Tracer):
     def _dead_value(self):
         return self._primal
 
+    def _underlying(self):
+        return self._primal
+
 
 def make_grad_tensor(primal, interp, node=None, index=0, counter=None, view=None) -> GradTensor:
     t = _make_wrapper_subclass(

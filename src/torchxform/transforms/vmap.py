@@ -41,6 +41,9 @@ class BatchedTensor(Tracer):
     def _payload_repr(self) -> str:
         return f"bdim={self._bdim}, value=\n{self._value!r}"
 
+    def _underlying(self):
+        return self._value
+
     def _dead_value(self):
         raise RuntimeError(
             "vmap: a BatchedTensor escaped from the function it was created in (it was "
