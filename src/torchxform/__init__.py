@@ -3,6 +3,7 @@
 from . import rules as _rules  # noqa: F401  (registers every rule)
 from ._core.errors import SlowFallbackWarning
 from ._core.tracer import debug_unwrap
+from .einops import rearrange
 from .extend import register_batch_rule, register_jvp, register_vjp
 from .nn import functional_call, replace_all_batch_norm_modules_, stack_module_state
 from .transforms.forward import jvp
@@ -24,6 +25,7 @@ __all__ = [
     "stack_module_state",
     "replace_all_batch_norm_modules_",
     "debug_unwrap",
+    "rearrange",
     "register_batch_rule",
     "register_vjp",
     "register_jvp",
