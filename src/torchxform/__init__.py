@@ -3,6 +3,7 @@
 from . import rules as _rules  # noqa: F401  (registers every rule)
 from ._core.errors import SlowFallbackWarning
 from ._core.tracer import debug_unwrap
+from ._coverage import coverage, explain
 from .einops import rearrange
 from .extend import register_batch_rule, register_jvp, register_vjp
 from .nn import functional_call, replace_all_batch_norm_modules_, stack_module_state
@@ -26,6 +27,8 @@ __all__ = [
     "replace_all_batch_norm_modules_",
     "debug_unwrap",
     "rearrange",
+    "coverage",
+    "explain",
     "register_batch_rule",
     "register_vjp",
     "register_jvp",

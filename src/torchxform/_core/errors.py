@@ -13,18 +13,34 @@ class SlowFallbackWarning(UserWarning):
     """
 
 
+class MissingRuleError(RuntimeError):
+    """An op needed a derivative rule that neither exists nor follows from
+    a decomposition.  ``op`` and ``transform`` say which."""
+
+    def __init__(self, message: str, op, transform: str) -> None:
+        super().__init__(message)
+        self.op = op
+        self.transform = transform
+
+
 _WARNED: set = set()
+
+# Called as observer(transform, op) on every slow fallback (torchxform.explain).
+FALLBACK_OBSERVERS: list = []
 
 
 def warn_slow_fallback(op, transform: str = "vmap") -> None:
-    """Warn once per op that ``op`` took the slow loop fallback."""
+    """Tell the observers, and warn once per op, that ``op`` took the slow
+    loop fallback."""
+    for observer in FALLBACK_OBSERVERS:
+        observer(transform, op)
     if op in _WARNED:
         return
     warnings.warn(
         f"{transform}: there is no batching rule for {op}, so it ran through the slow "
         f"fallback: a Python loop over the batch, one call per example. Results are "
-        f"correct but slower. Register a rule with torchxform's batching registry "
-        f"(see torchxform/rules/) to vectorize it.",
+        f"correct but slower. Register a rule with torchxform.register_batch_rule "
+        f"(see torchxform/rules/ for examples) to vectorize it.",
         SlowFallbackWarning,
         stacklevel=3,
     )

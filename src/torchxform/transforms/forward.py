@@ -43,6 +43,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._core.dispatch import dispatch_keys_restored, needs_dispatch_keys
+from .._core.errors import MissingRuleError
 from .._core.interpreter import Interpreter, interpreting
 from .._core.registry import JVP_RULES, NONDIFFERENTIABLE, VJP_RULES, on_rules_changed
 from .._core.schema import metadata_inplace_counterpart, mutates_self
@@ -284,10 +285,12 @@ class JvpInterpreter(Interpreter):
                 out = lower(self, metadata_counterpart or op, primals, kwargs)
                 if not _any_differentiable(out):
                     return self._wrap_outputs(op, args, kwargs, out, None, is_view, returns_list)
-                raise RuntimeError(
+                raise MissingRuleError(
                     f"jvp: there is no JVP rule (nor VJP rule to derive one from) for {op}, and its "
-                    f"inputs carry tangents. Register one with torchxform._core.registry.register_jvp "
-                    f"(see torchxform/rules/), or pass inputs without tangents there."
+                    f"inputs carry tangents. Register one with torchxform.register_jvp "
+                    f"(see torchxform/rules/ for examples), or pass inputs without tangents there.",
+                    op,
+                    "jvp",
                 )
 
         rule_primals = primals

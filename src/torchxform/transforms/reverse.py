@@ -37,6 +37,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._core.dispatch import is_random_op
+from .._core.errors import MissingRuleError
 from .._core.interpreter import Interpreter, interpreting
 from .._core.registry import NONDIFFERENTIABLE, VJP_RULES, on_rules_changed
 from .._core.schema import metadata_inplace_counterpart, mutates_self
@@ -372,12 +373,14 @@ class GradInterpreter(Interpreter):
                 out = self._lower(op, primals, kwargs, metadata_counterpart)
                 if not _any_differentiable(out):  # comparisons, argmax, ...: nothing to differentiate
                     return self._wrap_outputs(op, args, kwargs, out, None, is_view, returns_list)
-            raise RuntimeError(
+            raise MissingRuleError(
                 f"grad: there is no VJP rule for {op}, and its output depends on an input being "
                 f"differentiated, so a derivative is needed. Register one with "
-                f"torchxform._core.registry.register_vjp (see torchxform/rules/ for examples), or "
+                f"torchxform.register_vjp (see torchxform/rules/ for examples), or "
                 f"compute this op under torch.no_grad() / on .detach()-ed inputs if no gradient "
-                f"should flow through it."
+                f"should flow through it.",
+                op,
+                "grad",
             )
 
         saved_self = None
