@@ -1,6 +1,7 @@
 """torchxform: JAX-like composable function transforms for PyTorch, in Python."""
 
 from . import rules as _rules  # noqa: F401  (registers every rule)
+from .transforms import autograd_function as _autograd_function  # noqa: F401  (patch while transforms run)
 from ._core.errors import SlowFallbackWarning
 from ._core.tracer import debug_unwrap
 from ._coverage import coverage, explain

@@ -155,16 +155,26 @@ def register_patch(owner, attribute: str, replacement) -> None:
     _PATCHES.append((owner, attribute, replacement))
 
 
+_INHERITED = object()  # the patched attribute was not the owner's own
+
+
 def _install_patches() -> None:
     for owner, attribute, replacement in _PATCHES:
-        _SAVED.append((owner, attribute, getattr(owner, attribute)))
+        # The raw attribute, not getattr's: a classmethod read through
+        # getattr comes back bound to the owner, and restoring that would
+        # bind it to the owner for every subclass too.
+        original = vars(owner).get(attribute, _INHERITED)
+        _SAVED.append((owner, attribute, original))
         setattr(owner, attribute, replacement)
 
 
 def _remove_patches() -> None:
     while _SAVED:
         owner, attribute, original = _SAVED.pop()
-        setattr(owner, attribute, original)
+        if original is _INHERITED:
+            delattr(owner, attribute)
+        else:
+            setattr(owner, attribute, original)
 
 
 def active_interpreters() -> tuple[Interpreter, ...]:
