@@ -62,6 +62,21 @@ def bound_value(position, name, default, primals, kwargs):
     return kwargs.get(name, default)
 
 
+class below:
+    """Run Python code (not one op: see :func:`lower`) one level below
+    ``interp``: its ops go to the levels beneath (see NOTE [Ceiling])."""
+
+    def __init__(self, interp) -> None:
+        self.level = interp.level - 1
+
+    def __enter__(self):
+        self.saved = STATE.ceiling
+        STATE.ceiling = self.level
+
+    def __exit__(self, *exc):
+        STATE.ceiling = self.saved
+
+
 def lower(interp, op, primals, kwargs):
     """Run ``op`` on values one level below ``interp`` (see NOTE [Ceiling]),
     with the dispatch keys a rule needs (NOTE [Autograd inside rules])."""
