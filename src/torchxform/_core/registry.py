@@ -121,38 +121,45 @@ def register_batching_each(ops: Iterable[OpOverload], rule: Callable, **options)
     _changed()
 
 
-def register_vjp(*ops: OpOverload):
-    """Decorator: register ``rule`` as the VJP rule of each op in ``ops``
-    (see the module docstring for the signature)."""
-    ops = tuple(_overloads(ops))
+def _rule_registrar(table: dict, ops) -> Callable[[Callable], Callable]:
+    ops = tuple(_overloads(ops))  # bad ops raise here, where they are named
 
     def decorator(rule: Callable) -> Callable:
         for op in ops:
-            VJP_RULES[op] = rule
+            table[op] = rule
         _changed()
         return rule
 
     return decorator
+
+
+def register_vjp(*ops: OpOverload):
+    """Decorator: register ``rule`` as the VJP rule of each op in ``ops``
+    (see the module docstring for the signature)."""
+    return _rule_registrar(VJP_RULES, ops)
 
 
 def register_jvp(*ops: OpOverload):
     """Decorator: register ``rule`` as the JVP rule of each op in ``ops``
     (see ``JVP_RULES`` for the signature)."""
-    ops = tuple(_overloads(ops))
-
-    def decorator(rule: Callable) -> Callable:
-        for op in ops:
-            JVP_RULES[op] = rule
-        _changed()
-        return rule
-
-    return decorator
+    return _rule_registrar(JVP_RULES, ops)
 
 
 def register_nondifferentiable(*ops: OpOverload) -> None:
     """Mark ops whose outputs have zero derivative everywhere they exist."""
     NONDIFFERENTIABLE.update(_overloads(ops))
     _changed()
+
+
+def aten_overloads() -> Iterable[OpOverload]:
+    """Every overload of every ATen op in this torch build (for rules that
+    cover ops by tag)."""
+    aten = torch.ops.aten
+    for name in dir(aten):
+        packet = getattr(aten, name, None)
+        if isinstance(packet, OpOverloadPacket):
+            for overload in packet.overloads():
+                yield getattr(packet, overload)
 
 
 def overloads(packet: OpOverloadPacket, *names: str) -> list[OpOverload]:

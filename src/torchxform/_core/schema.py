@@ -17,6 +17,16 @@ def mutates_self(op) -> bool:
     return flag
 
 
+def is_view_op(op) -> bool:
+    """True when ``op``'s first output aliases an input without writing it
+    (``view``, ``select``, ``split``, ...)."""
+    returns = op._schema.returns
+    if not returns:
+        return False
+    alias = returns[0].alias_info
+    return alias is not None and not alias.is_write
+
+
 def is_out_variant(op) -> bool:
     """True for ``out=`` overloads (they write a keyword-only argument)."""
     flag = _OUT_VARIANT.get(op)

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from .._core.registry import (
+    aten_overloads,
     overloads,
     register_batching,
     register_batching_each,
@@ -213,16 +214,11 @@ _SKIP_PROMOTION[aten.copy_.default] = (0, 1)
 
 
 def _pointwise_ops():
-    ops = []
-    for name in dir(aten):
-        packet = getattr(aten, name, None)
-        if not isinstance(packet, torch._ops.OpOverloadPacket):
-            continue
-        for overload in packet.overloads():
-            op = getattr(packet, overload)
-            if torch.Tag.pointwise in op.tags and torch.Tag.nondeterministic_seeded not in op.tags:
-                ops.append(op)
-    return ops
+    return [
+        op
+        for op in aten_overloads()
+        if torch.Tag.pointwise in op.tags and torch.Tag.nondeterministic_seeded not in op.tags
+    ]
 
 
 def _inplace_variant(op):

@@ -31,6 +31,7 @@ import torch
 
 from .._core.dispatch import lower
 from .._core.registry import (
+    aten_overloads,
     overloads,
     register_batching,
     register_batching_each,
@@ -598,16 +599,7 @@ def _zero_derivative_random_ops():
         *overloads(aten._standard_gamma, "default"),
         *overloads(aten._sample_dirichlet, "default"),
     }
-    ops = []
-    for name in dir(aten):
-        packet = getattr(aten, name, None)
-        if not isinstance(packet, torch._ops.OpOverloadPacket):
-            continue
-        for overload in packet.overloads():
-            op = getattr(packet, overload)
-            if torch.Tag.nondeterministic_seeded in op.tags and op not in differentiable:
-                ops.append(op)
-    return ops
+    return [op for op in aten_overloads() if torch.Tag.nondeterministic_seeded in op.tags and op not in differentiable]
 
 
 register_nondifferentiable(*_zero_derivative_random_ops())

@@ -23,6 +23,21 @@ def replay_view(chain, base):
     return base
 
 
+def is_differentiable(t) -> bool:
+    """Whether ``t`` is a tensor that can carry a derivative."""
+    return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+
+
+def any_differentiable(out) -> bool:
+    """Whether an op's output (a tensor, or a tuple/list of them) has one
+    that can carry a derivative."""
+    if isinstance(out, torch.Tensor):
+        return is_differentiable(out)
+    if type(out) is tuple or type(out) is list:
+        return any(is_differentiable(o) for o in out)
+    return False
+
+
 def ready_for_write(zeros, value):
     """``zeros`` (fresh), made ready to take ``value`` in place in a view of
     it.  A fresh tensor belongs to no outer transform, while ``value`` (a
@@ -75,6 +90,21 @@ class below:
 
     def __exit__(self, *exc):
         STATE.ceiling = self.saved
+
+
+def write_into_captured(interp, op, target, primals, kwargs):
+    """An in-place op whose target the level does not own (captured from
+    outside the transform): fine for an integer tensor, which carries no
+    derivative; otherwise torch.func's error."""
+    if isinstance(target, torch.Tensor) and not is_differentiable(target):
+        lower(interp, op, primals, kwargs)
+        return target
+    raise RuntimeError(
+        f"During a grad (vjp, jvp, grad, etc) transform, the function provided attempted to "
+        f"call in-place operation ({op}) that would mutate a captured Tensor. This is not "
+        f"supported; please rewrite the function being transformed to explicitly accept the "
+        f"mutated Tensor(s) as inputs."
+    )
 
 
 def lower(interp, op, primals, kwargs):

@@ -46,9 +46,18 @@ from .._core.dispatch import dispatch_keys_restored, needs_dispatch_keys
 from .._core.errors import MissingRuleError
 from .._core.interpreter import Interpreter, interpreting
 from .._core.registry import JVP_RULES, NONDIFFERENTIABLE, VJP_RULES, on_rules_changed
-from .._core.schema import metadata_inplace_counterpart, mutates_self
+from .._core.schema import is_view_op, metadata_inplace_counterpart, mutates_self
 from .._core.tracer import Tracer, apply_metadata_op
-from ._autodiff import bound_value, lower, replay_view, ready_for_write, schema_bindings
+from ._autodiff import (
+    any_differentiable,
+    bound_value,
+    is_differentiable,
+    lower,
+    ready_for_write,
+    replay_view,
+    schema_bindings,
+    write_into_captured,
+)
 
 Tensor = torch.Tensor
 _make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
@@ -194,7 +203,7 @@ def _plan(op):
         _JvpPlan(rule_op, rule) if rule is not None else None,
         mutates_self(op),
         counterpart,
-        _is_view_op(op),
+        is_view_op(op),
         op in NONDIFFERENTIABLE and rule is None and op not in VJP_RULES,
         bool(returns) and str(returns[0].type).startswith("List"),
         rule_op if rule_op in VJP_RULES else None,
@@ -203,19 +212,11 @@ def _plan(op):
     return plan
 
 
-def _is_view_op(op) -> bool:
-    returns = op._schema.returns
-    if not returns:
-        return False
-    alias = returns[0].alias_info
-    return alias is not None and not alias.is_write
 
 
 on_rules_changed(_PLANS.clear)
 
 
-def _is_differentiable(t) -> bool:
-    return isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())
 
 
 # --------------------------------------------------------------------------
@@ -267,15 +268,7 @@ class JvpInterpreter(Interpreter):
             out = lower(self, op, primals, kwargs)
             return args[0] if inplace else self._wrap_outputs(op, args, kwargs, out, None, False, returns_list)
         if inplace and not (type(args[0]) is DualTensor and args[0]._interp is self):
-            if isinstance(args[0], Tensor) and not _is_differentiable(args[0]):
-                lower(self, op, primals, kwargs)  # an integer tensor: nothing to track
-                return args[0]
-            raise RuntimeError(
-                f"During a grad (vjp, jvp, grad, etc) transform, the function provided attempted to "
-                f"call in-place operation ({op}) that would mutate a captured Tensor. This is not "
-                f"supported; please rewrite the function being transformed to explicitly accept the "
-                f"mutated Tensor(s) as inputs."
-            )
+            return write_into_captured(self, op, args[0], primals, kwargs)
         need = any_tangent and not nondiff
         if need and jvp_plan is None:
             out = self.decompose(op, args, kwargs)
@@ -283,7 +276,7 @@ class JvpInterpreter(Interpreter):
                 return out
             if vjp_op is None:
                 out = lower(self, metadata_counterpart or op, primals, kwargs)
-                if not _any_differentiable(out):
+                if not any_differentiable(out):
                     return self._wrap_outputs(op, args, kwargs, out, None, is_view, returns_list)
                 raise MissingRuleError(
                     f"jvp: there is no JVP rule (nor VJP rule to derive one from) for {op}, and its "
@@ -347,7 +340,7 @@ class JvpInterpreter(Interpreter):
         return out
 
     def _wrap_one(self, op, args, kwargs, value, tangent, is_view, view_index):
-        if not _is_differentiable(value):
+        if not is_differentiable(value):
             return value  # See NOTE [Integer tensors stay plain] in reverse.py
         if is_view and type(args[0]) is DualTensor and args[0]._interp is self:
             base = args[0]
@@ -408,12 +401,6 @@ class _NullContext:
 _NULL = _NullContext()
 
 
-def _any_differentiable(out) -> bool:
-    if isinstance(out, Tensor):
-        return _is_differentiable(out)
-    if type(out) is tuple or type(out) is list:
-        return any(_is_differentiable(o) for o in out)
-    return False
 
 
 # --------------------------------------------------------------------------
@@ -434,7 +421,7 @@ def jvp_from_vjp(interp, op, primals, tangents, kwargs, out):
             f"dtypes. Register a JVP rule for it (torchxform._core.registry.register_jvp)."
         )
     vjp_plan = _RulePlan(op, VJP_RULES[op])
-    leaves = [Leaf() if _is_differentiable(o) else None for o in outputs]
+    leaves = [Leaf() if is_differentiable(o) else None for o in outputs]
     zeros = [torch.zeros_like(o) if leaf is not None else None for o, leaf in zip(outputs, leaves)]
     with interpreting(GradInterpreter()) as level:
         seeds = [make_grad_tensor(z, level, leaf, 0) if leaf is not None else None for z, leaf in zip(zeros, leaves)]
@@ -480,7 +467,7 @@ def _flat(tangents):
 
 def _zero_tangents(out):
     if type(out) in (tuple, list):
-        return tuple(torch.zeros_like(o) if _is_differentiable(o) else None for o in out)
+        return tuple(torch.zeros_like(o) if is_differentiable(o) else None for o in out)
     return torch.zeros_like(out)
 
 

@@ -40,9 +40,17 @@ from .._core.dispatch import is_random_op
 from .._core.errors import MissingRuleError
 from .._core.interpreter import Interpreter, interpreting
 from .._core.registry import NONDIFFERENTIABLE, VJP_RULES, on_rules_changed
-from .._core.schema import metadata_inplace_counterpart, mutates_self
+from .._core.schema import is_view_op, metadata_inplace_counterpart, mutates_self
 from .._core.tracer import Tracer, apply_metadata_op
-from ._autodiff import lower, ready_for_write, replay_view, schema_bindings
+from ._autodiff import (
+    any_differentiable,
+    is_differentiable,
+    lower,
+    ready_for_write,
+    replay_view,
+    schema_bindings,
+    write_into_captured,
+)
 
 Tensor = torch.Tensor
 _make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
@@ -213,16 +221,8 @@ def _meta(value):
     return None
 
 
-def _is_differentiable(t: Tensor) -> bool:
-    return t.is_floating_point() or t.is_complex()
 
 
-def _any_differentiable(out) -> bool:
-    if isinstance(out, Tensor):
-        return _is_differentiable(out)
-    if type(out) is tuple or type(out) is list:
-        return any(isinstance(o, Tensor) and _is_differentiable(o) for o in out)
-    return False
 
 
 # --------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def _plan(op):
         _RulePlan(rule_op, rule) if rule is not None else None,
         mutates_self(op),
         counterpart,
-        _is_view_op(op),
+        is_view_op(op),
         is_random_op(op),
         op in NONDIFFERENTIABLE and rule is None,  # a registered rule wins
         len(returns),
@@ -283,12 +283,6 @@ def _plan(op):
     return plan
 
 
-def _is_view_op(op) -> bool:
-    returns = op._schema.returns
-    if not returns:
-        return False
-    alias = returns[0].alias_info
-    return alias is not None and not alias.is_write
 
 
 on_rules_changed(_PLANS.clear)
@@ -356,22 +350,14 @@ class GradInterpreter(Interpreter):
 
         record = tracked and not nondiff and _is_grad_enabled()
         if inplace and not (type(args[0]) is GradTensor and args[0]._interp is self):
-            if isinstance(args[0], Tensor) and not _is_differentiable(args[0]):
-                lower(self, op, primals, kwargs)  # an integer tensor: nothing to track
-                return args[0]
-            raise RuntimeError(
-                f"During a grad (vjp, jvp, grad, etc) transform, the function provided attempted to "
-                f"call in-place operation ({op}) that would mutate a captured Tensor. This is not "
-                f"supported; please rewrite the function being transformed to explicitly accept the "
-                f"mutated Tensor(s) as inputs."
-            )
+            return write_into_captured(self, op, args[0], primals, kwargs)
         if record and rule_plan is None:
             out = self.decompose(op, args, kwargs)
             if out is not NotImplemented:
                 return out
             if not inplace:
                 out = self._lower(op, primals, kwargs, metadata_counterpart)
-                if not _any_differentiable(out):  # comparisons, argmax, ...: nothing to differentiate
+                if not any_differentiable(out):  # comparisons, argmax, ...: nothing to differentiate
                     return self._wrap_outputs(op, args, kwargs, out, None, is_view, returns_list)
             raise MissingRuleError(
                 f"grad: there is no VJP rule for {op}, and its output depends on an input being "
@@ -817,7 +803,7 @@ def vjp_with_argnums(func: Callable, args: tuple, argnums, has_aux: bool):
                 raise RuntimeError(
                     f"vjp(f, *primals): expected f(*primals) to return only tensors, got unsupported type {type(o)}"
                 )
-            if not _is_differentiable(o):
+            if not is_differentiable(o):
                 raise RuntimeError(
                     "vjp(f, ...): All outputs of f must be floating-point or complex Tensors, got Tensor "
                     f"with dtype {o.dtype}"
