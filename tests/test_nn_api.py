@@ -155,3 +155,52 @@ def test_batch_norm_training_under_vmap():
     assert bn[1].running_mean is None and not bn[1].track_running_stats
     with no_fallback():
         assert_close(vmap(bn)(x), torch.stack([bn(b) for b in x]), rtol=1e-5, atol=1e-5)
+
+
+# -- functorch's make_functional family -----------------------------------------
+
+
+def test_make_functional_matches_the_module_and_its_gradients():
+    from torchxform import make_functional
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    fmodel, params = make_functional(model)
+    assert [p.shape for p in params] == [p.shape for p in model.parameters()]
+    assert_close(fmodel(params, x), model(x))
+    expected = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+    assert_close(list(grad(lambda p: fmodel(p, x).square().sum())(params)), list(expected))
+    _, detached = make_functional(model, disable_autograd_tracking=True)
+    assert not any(p.requires_grad for p in detached)
+    with pytest.raises(RuntimeError, match="has buffers. Please use make_functional_with_buffers"):
+        make_functional(Net())
+
+
+def test_make_functional_with_buffers_uses_the_given_buffers():
+    from torchxform import make_functional_with_buffers
+
+    net = Net()
+    fmodel, params, buffers = make_functional_with_buffers(net)
+    x = torch.randn(5, 3)
+    assert_close(fmodel(params, buffers, x, shift=1.0), net(x, shift=1.0))
+    assert_close(fmodel(params, (torch.tensor(3.0),), x), net(x) / 2 * 3)
+
+
+def test_combine_state_for_ensemble_against_a_loop_over_models():
+    from torchxform import combine_state_for_ensemble
+
+    torch.manual_seed(0)
+    models = [Net() for _ in range(4)]
+    x = torch.randn(5, 3)
+    fmodel, params, buffers = combine_state_for_ensemble(models)
+    assert all(p.shape[0] == 4 for p in params) and all(b.shape[0] == 4 for b in buffers)
+    with no_fallback():
+        got = vmap(fmodel, in_dims=(0, 0, None))(params, buffers, x)
+    assert_close(got, torch.stack([m(x) for m in models]))
+    with pytest.raises(RuntimeError, match="Expected all models to have the same training/eval mode"):
+        combine_state_for_ensemble([Net(), Net().eval()])
+    with pytest.raises(RuntimeError, match="Expected all models to be of the same class"):
+        combine_state_for_ensemble([Net(), nn.Linear(3, 2)])
+    with pytest.raises(RuntimeError, match="Expected at least one model"):
+        combine_state_for_ensemble([])

@@ -7,8 +7,16 @@ from ._core.tracer import debug_unwrap
 from ._coverage import coverage, explain
 from .einops import rearrange
 from .extend import register_batch_rule, register_jvp, register_vjp
-from .nn import functional_call, replace_all_batch_norm_modules_, stack_module_state
+from .nn import (
+    combine_state_for_ensemble,
+    functional_call,
+    make_functional,
+    make_functional_with_buffers,
+    replace_all_batch_norm_modules_,
+    stack_module_state,
+)
 from .transforms.forward import jvp
+from .transforms.functionalize import functionalize
 from .transforms.jacobians import hessian, jacfwd, jacrev, linearize
 from .transforms.reverse import grad, grad_and_value, vjp
 from .transforms.vmap import vmap
@@ -26,6 +34,10 @@ __all__ = [
     "functional_call",
     "stack_module_state",
     "replace_all_batch_norm_modules_",
+    "functionalize",
+    "make_functional",
+    "make_functional_with_buffers",
+    "combine_state_for_ensemble",
     "debug_unwrap",
     "rearrange",
     "coverage",

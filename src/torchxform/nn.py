@@ -177,3 +177,131 @@ def replace_all_batch_norm_modules_(root: nn.Module) -> nn.Module:
 
 
 __all__ = ["functional_call", "stack_module_state", "replace_all_batch_norm_modules_"]
+
+
+# --------------------------------------------------------------------------
+# functorch's make_functional family, as torch.func's migration guide maps
+# it onto functional_call and stack_module_state.
+# --------------------------------------------------------------------------
+
+
+class FunctionalModule(nn.Module):
+    """A module called as ``fmodel(params, [buffers,] *args, **kwargs)``:
+    what :func:`make_functional`, :func:`make_functional_with_buffers` and
+    :func:`combine_state_for_ensemble` return.  The wrapped module's own
+    parameters (and buffers, when they are passed) are not used."""
+
+    def __init__(self, module: nn.Module, param_names, buffer_names, with_buffers: bool) -> None:
+        super().__init__()
+        self.stateless_model = module
+        self.param_names = tuple(param_names)
+        self.buffer_names = tuple(buffer_names)
+        self.with_buffers = with_buffers
+
+    def forward(self, params, *args, **kwargs):
+        state = dict(zip(self.param_names, params, strict=True))
+        if self.with_buffers:
+            buffers, *args = args
+            state.update(zip(self.buffer_names, buffers, strict=True))
+        return functional_call(self.stateless_model, state, tuple(args), kwargs)
+
+
+def _tracked(tensors, disable_autograd_tracking: bool) -> tuple[Tensor, ...]:
+    return tuple(t.detach() if disable_autograd_tracking else t for t in tensors)
+
+
+def make_functional(model: nn.Module, disable_autograd_tracking: bool = False):
+    """functorch's ``make_functional``: ``(fmodel, params)`` with
+    ``fmodel(params, *args) == model(*args)`` for the module's own
+    parameters.  Equivalent to ``functional_call(model, dict(zip(names,
+    params)), args)``, which is what new code should use.
+
+    Args:
+        model (torch.nn.Module): a module without buffers (see
+            :func:`make_functional_with_buffers` for one with buffers).
+        disable_autograd_tracking (bool): return detached parameters.
+
+    Returns:
+        tuple: ``(fmodel, params)``, ``params`` a tuple of tensors in
+        ``model.named_parameters()`` order.
+
+    Example::
+
+        >>> import torch
+        >>> from torchxform import grad, make_functional
+        >>> fmodel, params = make_functional(torch.nn.Linear(3, 2))
+        >>> grads = grad(lambda p, x: fmodel(p, x).sum())(params, torch.randn(4, 3))
+        >>> [g.shape for g in grads]
+        [torch.Size([2, 3]), torch.Size([2])]
+    """
+    if any(True for _ in model.buffers()):
+        raise RuntimeError(
+            "make_functional(model): `model` has buffers. Please use make_functional_with_buffers(model) "
+            "instead (or functional_call with the buffers in its dict)."
+        )
+    named = list(model.named_parameters())
+    params = _tracked([p for _, p in named], disable_autograd_tracking)
+    return FunctionalModule(model, [n for n, _ in named], (), False), params
+
+
+def make_functional_with_buffers(model: nn.Module, disable_autograd_tracking: bool = False):
+    """functorch's ``make_functional_with_buffers``: ``(fmodel, params,
+    buffers)`` with ``fmodel(params, buffers, *args) == model(*args)``.
+
+    Args:
+        model (torch.nn.Module): a module.
+        disable_autograd_tracking (bool): return detached parameters.
+
+    Returns:
+        tuple: ``(fmodel, params, buffers)``, tuples of tensors in
+        ``named_parameters()`` / ``named_buffers()`` order.
+
+    Example::
+
+        >>> import torch
+        >>> from torchxform import make_functional_with_buffers
+        >>> model = torch.nn.BatchNorm1d(3).eval()
+        >>> fmodel, params, buffers = make_functional_with_buffers(model)
+        >>> fmodel(params, buffers, torch.randn(4, 3)).shape
+        torch.Size([4, 3])
+    """
+    named_params = list(model.named_parameters())
+    named_buffers = list(model.named_buffers())
+    fmodel = FunctionalModule(model, [n for n, _ in named_params], [n for n, _ in named_buffers], True)
+    params = _tracked([p for _, p in named_params], disable_autograd_tracking)
+    return fmodel, params, tuple(b for _, b in named_buffers)
+
+
+def combine_state_for_ensemble(models: Sequence[nn.Module]):
+    """functorch's ``combine_state_for_ensemble``: ``(fmodel, params,
+    buffers)`` where each parameter and buffer is the stack of the models'
+    (new leaves, along dim 0), for ``vmap(fmodel)(params, buffers, x)``.
+    :func:`stack_module_state` with :func:`functional_call` is the
+    torch.func way to write the same.
+
+    Args:
+        models (sequence of torch.nn.Module): models of one class, all in
+            training mode or all in evaluation mode.
+
+    Returns:
+        tuple: ``(fmodel, params, buffers)``.
+
+    Example::
+
+        >>> import torch
+        >>> from torchxform import combine_state_for_ensemble, vmap
+        >>> models = [torch.nn.Linear(3, 2) for _ in range(4)]
+        >>> fmodel, params, buffers = combine_state_for_ensemble(models)
+        >>> vmap(fmodel, in_dims=(0, 0, None))(params, buffers, torch.randn(5, 3)).shape
+        torch.Size([4, 5, 2])
+    """
+    models = list(models)
+    if not models:
+        raise RuntimeError("combine_state_for_ensemble: Expected at least one model, got 0.")
+    if not (all(m.training for m in models) or all(not m.training for m in models)):
+        raise RuntimeError("combine_state_for_ensemble: Expected all models to have the same training/eval mode.")
+    if any(type(m) is not type(models[0]) for m in models):
+        raise RuntimeError("combine_state_for_ensemble: Expected all models to be of the same class.")
+    params, buffers = stack_module_state(models)
+    fmodel = FunctionalModule(models[0], params.keys(), buffers.keys(), True)
+    return fmodel, tuple(params.values()), tuple(buffers.values())

@@ -752,8 +752,8 @@ derivative(
 derivative([aten.threshold_backward.default], lambda self, threshold: (_mask(self > threshold, self), None))
 
 # -- writes ---------------------------------------------------------------------
-derivative([aten.copy_.default], lambda: (None, 1))
-derivative([aten.fill_.Scalar, aten.zero_.default], lambda: (None,))
+derivative([aten.copy_.default, aten.copy.default], lambda: (None, 1))
+derivative([aten.fill_.Scalar, aten.zero_.default, aten.zero.default], lambda: (None,))
 derivative([aten.fill_.Tensor], lambda: (None, 1))
 derivative([aten.fill.Tensor], lambda: (None, 1))
 
