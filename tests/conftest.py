@@ -1,10 +1,12 @@
 """Shared fixtures."""
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -18,3 +20,21 @@ def example():
         yield importlib.import_module
     finally:
         sys.path.remove(str(EXAMPLES))
+
+
+# The same suite on an accelerator: TORCHXFORM_TEST_DEVICE=cuda makes every
+# tensor a test creates without a device live there (torch.set_default_device),
+# references included.  CI runs on CPU, where this is unset.
+_DEVICE = os.environ.get("TORCHXFORM_TEST_DEVICE")
+
+
+@pytest.fixture(autouse=True)
+def _default_device():
+    if not _DEVICE:
+        yield
+        return
+    torch.set_default_device(_DEVICE)
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)

@@ -340,3 +340,39 @@ def test_a_function_under_functionalize_and_needs_input_grad():
     assert_close(torchxform.functionalize(lambda x: Scale.apply(x, y))(x), x * y)
     assert_close(grad(lambda x: Scale.apply(x, y).sum())(x), y)
     assert seen[-1] == (True, False)
+
+
+class NoisyScale(torch.autograd.Function):
+    """Draws inside its forward: under the generated vmap rule the draws run
+    in a vmap started below the user's vmap level (see NOTE [Ceiling])."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        noise = torch.rand(())
+        return x * (1 + noise), noise
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, g, _):
+        (noise,) = ctx.saved_tensors
+        return g * (1 + noise)
+
+
+def test_generated_vmap_rule_with_random_ops_under_grad():
+    xs = torch.randn(4, 3)
+
+    def total(xs):
+        out, noise = vmap(lambda x: NoisyScale.apply(x), randomness="different")(xs)
+        return out.sum(), noise
+
+    gradient, noise = grad(total, has_aux=True)(xs)
+    assert noise.unique().numel() == 4  # one draw per example
+    assert_close(gradient, (1 + noise)[:, None].expand(4, 3))
+    with pytest.raises(RuntimeError, match="randomness error mode"):
+        vmap(lambda x: NoisyScale.apply(x))(xs)

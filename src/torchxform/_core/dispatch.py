@@ -23,9 +23,12 @@ nothing is recorded twice.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 
+from . import interpreter as _interpreter_module
 from . import tracer as _tracer_module
 from .interpreter import STATE
 from .tracer import Tracer
@@ -156,6 +159,9 @@ def enter_mode():
 def exit_mode(token) -> None:
     if token is not None:
         token.__exit__(None, None, None)
+
+
+_interpreter_module._dispatch = sys.modules[__name__]
 
 
 # --------------------------------------------------------------------------

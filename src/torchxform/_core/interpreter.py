@@ -15,6 +15,13 @@ stack.  ``STATE.ceiling`` records how many stack entries (from the bottom)
 may receive such ops: ``None`` at user level (all of them), ``L - 1`` while
 level L processes an op, ``L`` while level L runs a decomposition of one of
 its own ops (whose random ops it must see itself).
+
+A transform may also start while a level is suspended, e.g. a vmap inside a
+rule or inside an autograd.Function's generated vmap rule, which runs below
+level L: the new level is pushed on top of the stack, above L, yet the
+levels beneath it are those below the ceiling it started under.  So each
+interpreter records its ``floor``, the ceiling its rules' ops get: the
+ceiling in force when it was pushed, or ``level - 1`` at user level.
 """
 
 from __future__ import annotations
@@ -28,9 +35,12 @@ class TransformState(threading.local):
     def __init__(self) -> None:
         self.stack: list[Interpreter] = []
         self.ceiling: int | None = None  # See NOTE [Ceiling]
+        self.rule_owner: Interpreter | None = None  # the vmap level whose random-op rule runs
 
 
 STATE = TransformState()
+
+_dispatch = None  # the dispatch module, which imports this one: set there
 
 
 class Interpreter:
@@ -41,7 +51,7 @@ class Interpreter:
     their plain values (see ``Tracer._dead_value``).
     """
 
-    __slots__ = ("level", "alive", "_decomposing", "__weakref__")
+    __slots__ = ("level", "floor", "alive", "_decomposing", "__weakref__")
     name = "transform"
     # Whether ops at user level that involve no tracer at all (factories,
     # ops on captured plain tensors) belong to this interpreter when it is
@@ -51,6 +61,7 @@ class Interpreter:
 
     def __init__(self) -> None:
         self.level = 0
+        self.floor = 0  # the ceiling for the ops its rules issue: see NOTE [Ceiling]
         self.alive = False
         self._decomposing: set = set()
 
@@ -103,14 +114,13 @@ class interpreting:
         self.interp = interp
 
     def __enter__(self) -> Interpreter:
-        from .dispatch import enter_mode  # dispatch imports this module
-
         state = STATE
         stack = state.stack
         self._depth = len(stack)
         self._ceiling = state.ceiling
         interp = self.interp
         interp.level = self._depth + 1
+        interp.floor = self._depth if self._ceiling is None else self._ceiling
         interp.alive = True
         if self._depth == 0 and not _SAVED:
             _install_patches()
@@ -118,12 +128,12 @@ class interpreting:
         # The user's function runs at user level: random ops without tracers
         # go to the top of the stack again.  See NOTE [Ceiling].
         state.ceiling = None
-        self._mode_token = enter_mode()
+        if _dispatch is None:
+            from . import dispatch  # noqa: F401  (sets _dispatch)
+        self._mode_token = _dispatch.enter_mode()
         return interp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        from .dispatch import exit_mode
-
         state = STATE
         self.interp.alive = False
         # Also drops levels that a failing nested transform left behind.
@@ -131,7 +141,7 @@ class interpreting:
             leftover.alive = False
         del state.stack[self._depth :]
         state.ceiling = self._ceiling
-        exit_mode(self._mode_token)
+        _dispatch.exit_mode(self._mode_token)
         if self._depth == 0:
             _remove_patches()
 

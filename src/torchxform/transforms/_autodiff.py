@@ -7,10 +7,13 @@ from __future__ import annotations
 import inspect
 
 import torch
+from torch import Tensor
 
-from .._core.dispatch import bind, dispatch_keys_restored, needs_dispatch_keys
+from .._core.dispatch import bind, dispatch_keys_restored, is_random_op
 from .._core.interpreter import STATE
 from .._core.tracer import Tracer
+
+_len_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def replay_view(chain, base):
@@ -82,7 +85,7 @@ class below:
     ``interp``: its ops go to the levels beneath (see NOTE [Ceiling])."""
 
     def __init__(self, interp) -> None:
-        self.level = interp.level - 1
+        self.level = interp.floor
 
     def __enter__(self):
         self.saved = STATE.ceiling
@@ -107,14 +110,66 @@ def write_into_captured(interp, op, target, primals, kwargs):
     )
 
 
-def lower(interp, op, primals, kwargs):
+def lower(interp, op, primals, kwargs, call=None):
     """Run ``op`` on values one level below ``interp`` (see NOTE [Ceiling]),
-    with the dispatch keys a rule needs (NOTE [Autograd inside rules])."""
+    with the dispatch keys a rule needs (NOTE [Autograd inside rules]).
+
+    ``call``: the op's C++ entry point (``op._op``), when the caller has it."""
+    # One scan, doing ``bind``'s work too: the highest level among the
+    # tracers of lower levels (``top``), and whether a plain value needs the
+    # dispatch keys restored.
+    needs_keys = False
+    top = None
+    top_level = 0
+    for v in primals:
+        if isinstance(v, Tensor):
+            if isinstance(v, Tracer):
+                level = v._interp.level
+                if level > top_level:
+                    top, top_level = v._interp, level
+            elif v.requires_grad:
+                needs_keys = True
+            if v.is_complex() or v.is_neg():
+                needs_keys = True
+        elif type(v) is list or type(v) is tuple:
+            for w in v:
+                if isinstance(w, Tensor):
+                    if isinstance(w, Tracer):
+                        level = w._interp.level
+                        if level > top_level:
+                            top, top_level = w._interp, level
+                    elif w.requires_grad:
+                        needs_keys = True
+                    if w.is_complex() or w.is_neg():
+                        needs_keys = True
+    if kwargs:
+        for v in kwargs.values():
+            if isinstance(v, Tracer):
+                level = v._interp.level
+                if level > top_level:
+                    top, top_level = v._interp, level
+    random = is_random_op(op)
+    if top is None and not random and not _len_dispatch_modes():
+        # What ``bind`` does with plain values below a ceiling: run the op.
+        # (Only with no dispatch mode active: otherwise the op would reach the
+        # mode, and ``bind`` again, where the ceiling matters.)
+        if call is None:
+            call = op
+        if needs_keys:
+            with dispatch_keys_restored():
+                return call(*primals, **kwargs)
+        return call(*primals, **kwargs)
     state = STATE
     saved_ceiling = state.ceiling
-    state.ceiling = interp.level - 1
+    state.ceiling = interp.floor
     try:
-        if needs_dispatch_keys(primals):
+        if top is not None and not random and top.alive:
+            # What ``bind`` does then: hand the op to that level.
+            if needs_keys:
+                with dispatch_keys_restored():
+                    return top.process(op, primals, kwargs)
+            return top.process(op, primals, kwargs)
+        if needs_keys:
             with dispatch_keys_restored():
                 return bind(op, primals, kwargs)
         return bind(op, primals, kwargs)

@@ -40,10 +40,11 @@ import inspect
 from typing import Any, Callable
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._core.dispatch import dispatch_keys_restored, needs_dispatch_keys
 from .._core.errors import MissingRuleError
+from .._core.pytree import flatten as tree_flatten
+from .._core.pytree import unflatten as tree_unflatten
 from .._core.interpreter import Interpreter, interpreting
 from .._core.registry import JVP_RULES, NONDIFFERENTIABLE, VJP_RULES, on_rules_changed
 from .._core.schema import is_view_op, metadata_inplace_counterpart, mutates_self
@@ -61,6 +62,7 @@ from ._autodiff import (
 
 Tensor = torch.Tensor
 _make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
+_STRIDED = torch.strided
 aten = torch.ops.aten
 
 
@@ -101,7 +103,8 @@ class DualTensor(Tracer):
 
 
 def make_dual(primal, interp, tangent=None, view=None, epoch=None) -> DualTensor:
-    t = _make_wrapper_subclass(DualTensor, primal.shape, primal.stride(), dtype=primal.dtype, device=primal.device)
+    # Positional arguments: (cls, size, strides, storage_offset, memory_format, dtype, layout, device)
+    t = _make_wrapper_subclass(DualTensor, primal.shape, primal.stride(), None, None, primal.dtype, _STRIDED, primal.device)
     t._primal = primal
     t._interp = interp
     t._tangent = tangent
@@ -207,6 +210,7 @@ def _plan(op):
         op in NONDIFFERENTIABLE and rule is None and op not in VJP_RULES,
         bool(returns) and str(returns[0].type).startswith("List"),
         rule_op if rule_op in VJP_RULES else None,
+        getattr(op, "_op", op),  # the C++ entry point
     )
     _PLANS[id(op)] = plan
     return plan
@@ -235,16 +239,18 @@ class JvpInterpreter(Interpreter):
         plan = _PLANS.get(id(op))
         if plan is None:
             plan = _plan(op)
-        jvp_plan, inplace, metadata_counterpart, is_view, nondiff, returns_list, vjp_op = plan
+        jvp_plan, inplace, metadata_counterpart, is_view, nondiff, returns_list, vjp_op, call = plan
 
         primals = list(args)
         tangents = [None] * len(args)
         own = any_tangent = False
-        for i, a in enumerate(args):
+        i = -1
+        for a in args:
+            i += 1
             if type(a) is DualTensor and a._interp is self:
                 own = True
                 primals[i] = a._primal
-                t = tangents[i] = tangent_of(a)
+                t = tangents[i] = a._tangent if a._view is None else tangent_of(a)
                 if t is not None:
                     any_tangent = True
             elif type(a) is list or type(a) is tuple:
@@ -290,24 +296,38 @@ class JvpInterpreter(Interpreter):
         if need and inplace and (jvp_plan is None or jvp_plan.wants_self_before):
             rule_primals = list(primals)
             rule_primals[0] = lower(self, aten.clone.default, (primals[0],), {})  # the input before it is overwritten
-        out = lower(self, metadata_counterpart or op, primals, kwargs)
+        if metadata_counterpart is None:
+            out = lower(self, op, primals, kwargs, call)
+        else:
+            out = lower(self, metadata_counterpart, primals, kwargs)
         out_tangent = None
         if need:
             rule_op = metadata_counterpart or op
             # The rule runs here, inside a dispatch handler: it needs the keys
             # restored for autograd interop and lazy conj views.  See NOTE
             # [Autograd inside rules].
-            with dispatch_keys_restored() if needs_dispatch_keys(rule_primals) or needs_dispatch_keys(tangents) else _NULL:
-                if jvp_plan is not None:
-                    out_tangent = jvp_plan(rule_op, rule_primals, tangents, kwargs, out)
-                else:
-                    out_tangent = jvp_from_vjp(self, vjp_op, rule_primals, tangents, kwargs, out)
+            if needs_dispatch_keys(rule_primals) or needs_dispatch_keys(tangents):
+                with dispatch_keys_restored():
+                    out_tangent = self._run_rule(jvp_plan, rule_op, vjp_op, rule_primals, tangents, kwargs, out)
+            elif jvp_plan is not None:
+                out_tangent = jvp_plan(rule_op, rule_primals, tangents, kwargs, out)
+            else:
+                out_tangent = jvp_from_vjp(self, vjp_op, rule_primals, tangents, kwargs, out)
 
         if metadata_counterpart is not None:
             return self._finish_metadata_inplace(op, args, kwargs, out, out_tangent)
         if inplace:
             return self._finish_inplace(args[0], out_tangent, need)
+        if not is_view and isinstance(out, Tensor):  # the common case of _wrap_outputs
+            if not (out.is_floating_point() or out.is_complex()):
+                return out  # See NOTE [Integer tensors stay plain] in reverse.py
+            return make_dual(out, self, out_tangent if out_tangent is None else in_layout_of(out, out_tangent))
         return self._wrap_outputs(op, args, kwargs, out, out_tangent, is_view, returns_list)
+
+    def _run_rule(self, jvp_plan, rule_op, vjp_op, primals, tangents, kwargs, out):
+        if jvp_plan is not None:
+            return jvp_plan(rule_op, primals, tangents, kwargs, out)
+        return jvp_from_vjp(self, vjp_op, primals, tangents, kwargs, out)
 
     def _unwrap_kwargs(self, op, kwargs):
         unwrapped, carrying = {}, []
@@ -386,21 +406,6 @@ class JvpInterpreter(Interpreter):
             link = (metadata_inplace_counterpart(op), tuple(args[1:]), kwargs, None)
             target._view = ForwardView(view.root, view.chain + (link,), view.root._epoch[0])
         return target
-
-
-class _NullContext:
-    __slots__ = ()
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
-
-
-_NULL = _NullContext()
-
-
 
 
 # --------------------------------------------------------------------------

@@ -10,8 +10,10 @@ import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_map
 
+from .._core.pytree import flatten as tree_flatten
+from .._core.pytree import unflatten as tree_unflatten
 from .forward import jvp_with_argnums
 from .reverse import _check_argnums, vjp_with_argnums
 from .vmap import vmap

@@ -31,13 +31,15 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+from heapq import heappop, heappush
 from typing import Any, Callable
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._core.dispatch import is_random_op
 from .._core.errors import MissingRuleError
+from .._core.pytree import flatten as tree_flatten
+from .._core.pytree import unflatten as tree_unflatten
 from .._core.interpreter import Interpreter, interpreting
 from .._core.registry import NONDIFFERENTIABLE, VJP_RULES, on_rules_changed
 from .._core.schema import is_view_op, metadata_inplace_counterpart, mutates_self
@@ -54,6 +56,7 @@ from ._autodiff import (
 
 Tensor = torch.Tensor
 _make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
+_STRIDED = torch.strided
 _set_grad_enabled = torch._C._set_grad_enabled
 _is_grad_enabled = torch._C.is_grad_enabled
 _sequence = itertools.count()
@@ -94,11 +97,13 @@ class Node:
 
 def _check_saved(node: Node) -> None:
     # Each check: (version holder, expected version, description); the
-    # description is a tensor's (shape, dtype) or a string, formatted only
-    # on error (the checks are made per op).
+    # description is a tensor's (shape, dtype), a tensor of that shape and
+    # dtype, or a string, formatted only on error (the checks are made per op).
     for holder, expected, what in node.checks:
         current = holder[0] if type(holder) is list else holder._version
         if current != expected:
+            if isinstance(what, Tensor):
+                what = (what.shape, what.dtype)
             if type(what) is tuple:
                 what = f"{tuple(what[0])} {what[1]}"
             raise RuntimeError(
@@ -116,27 +121,24 @@ def _accumulate(slot: list, index: int, cotangent) -> None:
 
 def run_backward(roots) -> dict:
     """Propagate cotangents from ``roots`` (``(node, index, cotangent)``)
-    to every reachable node; returns ``{leaf: cotangent}``."""
-    reachable = {}
-    stack = [node for node, _, _ in roots]
-    while stack:
-        node = stack.pop()
-        if id(node) in reachable:
-            continue
-        reachable[id(node)] = node
-        for edge in node.edges:
-            if edge is not None and id(edge[0]) not in reachable:
-                stack.append(edge[0])
+    to every reachable node; returns ``{leaf: cotangent}``.
+
+    Nodes run in reverse creation order (a node's inputs were made before
+    it): a heap keyed by ``-seq`` holds the nodes that have received a
+    cotangent and not yet run, so nodes that receive none are never visited."""
     cotangents: dict[int, list] = {}
+    pending: list = []  # heap of (-seq, id, node)
     for node, index, cotangent in roots:
         if cotangent is not None:
-            slot = cotangents.setdefault(id(node), [None] * node.n_outputs)
+            slot = cotangents.get(id(node))
+            if slot is None:
+                slot = cotangents[id(node)] = [None] * node.n_outputs
+                heappush(pending, (-node.seq, id(node), node))
             _accumulate(slot, index, cotangent)
     leaves = {}
-    for node in sorted(reachable.values(), key=lambda n: n.seq, reverse=True):
-        slot = cotangents.pop(id(node), None)
-        if slot is None:
-            continue
+    while pending:
+        node = heappop(pending)[2]
+        slot = cotangents.pop(id(node))
         if type(node) is Leaf:
             leaves[node] = slot[0]
             continue
@@ -150,7 +152,9 @@ def run_backward(roots) -> dict:
             slot = cotangents.get(id(parent))
             if slot is None:
                 slot = cotangents[id(parent)] = [None] * parent.n_outputs
-            _accumulate(slot, index, cotangent)
+                heappush(pending, (-parent.seq, id(parent), parent))
+            previous = slot[index]
+            slot[index] = cotangent if previous is None else previous + cotangent
     return leaves
 
 
@@ -198,8 +202,9 @@ class GradTensor(Tracer):
 
 
 def make_grad_tensor(primal, interp, node=None, index=0, counter=None, view=None) -> GradTensor:
+    # Positional arguments: (cls, size, strides, storage_offset, memory_format, dtype, layout, device)
     t = _make_wrapper_subclass(
-        GradTensor, primal.shape, primal.stride(), dtype=primal.dtype, device=primal.device
+        GradTensor, primal.shape, primal.stride(), None, None, primal.dtype, _STRIDED, primal.device
     )
     t._primal = primal
     t._interp = interp
@@ -278,6 +283,7 @@ def _plan(op):
         op in NONDIFFERENTIABLE and rule is None,  # a registered rule wins
         len(returns),
         bool(returns) and str(returns[0].type).startswith("List"),
+        getattr(op, "_op", op),  # the C++ entry point
     )
     _PLANS[id(op)] = plan
     return plan
@@ -318,15 +324,17 @@ class GradInterpreter(Interpreter):
         plan = _PLANS.get(id(op))
         if plan is None:
             plan = _plan(op)
-        rule_plan, inplace, metadata_counterpart, is_view, random, nondiff, n_returns, returns_list = plan
+        rule_plan, inplace, metadata_counterpart, is_view, random, nondiff, n_returns, returns_list, call = plan
 
         primals = list(args)
         edges = [None] * len(args)
-        tracked = own = False
-        for i, a in enumerate(args):
+        tracked = own = lists = False
+        i = 0
+        for a in args:
             if type(a) is GradTensor and a._interp is self:
                 own = True
-                if a._view is not None and a._view.seen != a._view.root._counter[0]:
+                view = a._view
+                if view is not None and view.seen != view.root._counter[0]:
                     self._refresh_view(a)
                 primals[i] = a._primal
                 if a._node is not None:
@@ -335,9 +343,10 @@ class GradInterpreter(Interpreter):
             elif type(a) is list or type(a) is tuple:
                 unwrapped = self._unwrap_list(a)
                 if unwrapped is not None:
-                    own = True
+                    own = lists = True
                     primals[i], edges[i] = unwrapped
                     tracked = tracked or any(e is not None for e in edges[i])
+            i += 1
         kwarg_edges = None
         if kwargs:
             kwargs, kwarg_edges = self._unwrap_kwargs(op, kwargs)
@@ -348,7 +357,8 @@ class GradInterpreter(Interpreter):
             out = self._lower(op, primals, kwargs)
             return args[0] if inplace else self._wrap_outputs(op, args, kwargs, out, None, False, returns_list)
 
-        record = tracked and not nondiff and _is_grad_enabled()
+        grad_mode = _is_grad_enabled()
+        record = tracked and not nondiff and grad_mode
         if inplace and not (type(args[0]) is GradTensor and args[0]._interp is self):
             return write_into_captured(self, op, args[0], primals, kwargs)
         if record and rule_plan is None:
@@ -372,7 +382,10 @@ class GradInterpreter(Interpreter):
         saved_self = None
         if record and inplace and rule_plan.wants_self_before:
             saved_self = self._lower(aten_clone, (primals[0],), {})
-        out = self._lower(op, primals, kwargs, metadata_counterpart)
+        if metadata_counterpart is None and grad_mode == self.prev_grad_mode:
+            out = lower(self, op, primals, kwargs, call)
+        else:
+            out = self._lower(op, primals, kwargs, metadata_counterpart)
 
         node = counters = None
         if record:
@@ -380,13 +393,17 @@ class GradInterpreter(Interpreter):
                 # Saved outputs are version-checked too: give them counters now.
                 counters = [[0] for _ in range(max(n_returns, 1))]
             node = self._record(
-                op, rule_plan, args, primals, kwargs, edges, out, saved_self, n_returns, counters, kwarg_edges
+                op, rule_plan, args, primals, kwargs, edges, out, saved_self, n_returns, counters, kwarg_edges, lists
             )
 
         if metadata_counterpart is not None:
             return self._finish_metadata_inplace(op, args, kwargs, out, node)
         if inplace:
             return self._finish_inplace(args[0], node, record, nondiff, n_returns)
+        if not is_view and isinstance(out, Tensor):  # the common case of _wrap_outputs
+            if not (out.is_floating_point() or out.is_complex()):
+                return out  # See NOTE [Integer tensors stay plain]
+            return make_grad_tensor(out, self, node, 0, counters[0] if counters else None)
         return self._wrap_outputs(op, args, kwargs, out, node, is_view, returns_list, counters)
 
     def _unwrap_list(self, items):
@@ -440,20 +457,29 @@ class GradInterpreter(Interpreter):
 
     # -- recording ----------------------------------------------------------
 
-    def _record(self, op, rule_plan, args, primals, kwargs, edges, out, saved_self, n_returns, counters, kwarg_edges):
+    def _record(
+        self, op, rule_plan, args, primals, kwargs, edges, out, saved_self, n_returns, counters, kwarg_edges, lists=True
+    ):
         saved = {}
         checks = []
+        n_primals = len(primals)
         for name, position, default in rule_plan.bindings:
-            if position is None:
+            if position is None or position >= n_primals:
                 value = kwargs.get(name, default)
-            elif position < len(primals):
-                value = primals[position]
-                if position == 0 and saved_self is not None:
-                    value = saved_self
-                else:
-                    self._note_saved(args[position], value, checks)
+            elif position == 0 and saved_self is not None:
+                value = saved_self
             else:
-                value = kwargs.get(name, default)
+                value = primals[position]
+                # Remember the version of a saved input so backward can tell
+                # if it was overwritten in place after being saved.
+                arg = args[position]
+                if type(arg) is GradTensor and arg._interp is self:
+                    # `value` (the primal, which has arg's shape and dtype)
+                    # describes it if the check fails.
+                    counter = arg._counter
+                    checks.append((counter, counter[0], value))
+                elif isinstance(value, Tensor) and not isinstance(value, Tracer):
+                    checks.append((value, value._version, (value.shape, value.dtype)))
             saved[name] = value
         if rule_plan.wants_result:
             saved["result"] = out
@@ -463,22 +489,36 @@ class GradInterpreter(Interpreter):
                 target = args[0]
                 checks.append((target._counter, target._counter[0] + 1, "the output"))
         if rule_plan.wants_inputs_meta:
-            saved["inputs_meta"] = tuple(_meta(p) for p in primals)
+            meta = []
+            for p in primals:
+                if isinstance(p, Tensor):
+                    meta.append((p.shape, p.dtype, p.device))
+                else:
+                    meta.append(_meta(p))
+            saved["inputs_meta"] = tuple(meta)
         if rule_plan.wants_needs:
-            saved["needs"] = tuple(
-                (tuple(x is not None for x in e) if type(e) is list else e is not None) for e in edges
-            )
+            if lists:
+                saved["needs"] = tuple(
+                    (tuple(x is not None for x in e) if type(e) is list else e is not None) for e in edges
+                )
+            else:
+                saved["needs"] = tuple([e is not None for e in edges])
         if rule_plan.wants_op:
             saved["op"] = op
-        flat_edges = []
-        layout = []
-        for e in edges:
-            if type(e) is list:
-                layout.append(len(e))
-                flat_edges.extend(e)
-            else:
-                layout.append(None)
-                flat_edges.append(e)
+        if lists:
+            flat_edges = []
+            layout = []
+            for e in edges:
+                if type(e) is list:
+                    layout.append(len(e))
+                    flat_edges.extend(e)
+                else:
+                    layout.append(None)
+                    flat_edges.append(e)
+            layout = tuple(layout)
+        else:
+            flat_edges = edges
+            layout = None  # one entry per positional argument
         kwarg_names = ()
         if kwarg_edges:
             # A keyword-only tensor being differentiated: only rules that take
@@ -493,21 +533,19 @@ class GradInterpreter(Interpreter):
                 )
             saved["kwarg_needs"] = {name: True for name in kwarg_edges}
             kwarg_names = tuple(kwarg_edges)
+            if layout is None:
+                layout = (None,) * len(edges)
+            flat_edges = list(flat_edges)
             flat_edges.extend(kwarg_edges.values())
         if type(out) is list:  # a Tensor[] output (split, unbind, ...): one node output per element
             n_outputs, multi_output = len(out), True
         else:
             n_outputs, multi_output = max(n_returns, 1), n_returns > 1
-        pullback = functools.partial(_apply_rule, rule_plan.rule, saved, tuple(layout), multi_output, kwarg_names)
+        if layout is None:
+            pullback = functools.partial(_apply_simple_rule, rule_plan.rule, saved, multi_output)
+        else:
+            pullback = functools.partial(_apply_rule, rule_plan.rule, saved, layout, multi_output, kwarg_names)
         return Node(pullback, tuple(flat_edges), n_outputs, tuple(checks), op)
-
-    def _note_saved(self, arg, value, checks):
-        """Remember the version of a saved input so backward can tell if it
-        was overwritten in place after being saved."""
-        if type(arg) is GradTensor and arg._interp is self:
-            checks.append((arg._counter, arg._counter[0], (arg.shape, arg.dtype)))
-        elif isinstance(value, Tensor) and not isinstance(value, Tracer):
-            checks.append((value, value._version, (value.shape, value.dtype)))
 
     # -- outputs -----------------------------------------------------------
 
@@ -597,6 +635,12 @@ class GradInterpreter(Interpreter):
 
 
 aten_clone = torch.ops.aten.clone.default
+
+
+def _apply_simple_rule(rule, saved, multi_output, cotangents):
+    """``_apply_rule`` for ops without Tensor[] or differentiated keyword
+    arguments: the rule's results are the cotangents of the edges."""
+    return rule(grad=cotangents if multi_output else cotangents[0], **saved)
 
 
 def _apply_rule(rule, saved, layout, multi_output, kwarg_names, cotangents):

@@ -15,10 +15,13 @@ import itertools
 from typing import Any, Callable
 
 import torch
-from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten, tree_map_, tree_unflatten
+from torch.utils._pytree import tree_map_
 
 from .._core.dispatch import dispatch_keys_restored, is_random_op, needs_dispatch_keys
 from .._core.errors import warn_slow_fallback
+from .._core.pytree import broadcast_to_and_flatten as _broadcast_to_and_flatten
+from .._core.pytree import flatten as tree_flatten
+from .._core.pytree import unflatten as tree_unflatten
 from .._core.interpreter import STATE, Interpreter, interpreting
 from .._core.registry import BATCH_RULES, KWARG_BATCH_RULES, on_rules_changed
 from .._core.schema import is_out_variant, metadata_inplace_counterpart, mutates_self
@@ -87,21 +90,53 @@ def make_batched(value: torch.Tensor, bdim: int, interp: VmapInterpreter) -> Bat
 _STRIDED = torch.strided
 
 
-# id(op) -> (batching rule or None, mutates self, returns something, random).
-# Keyed by id: OpOverload.__hash__ is a Python method, too slow for the hot path.
-_PLANS: dict[int, tuple] = {}
+# id(op) -> _Plan.  Keyed by id: OpOverload.__hash__ is a Python method, too
+# slow for the hot path.
+_PLANS: dict[int, _Plan] = {}
 
 
 _METADATA = "metadata"  # an in-place op that changes shape/strides, not values
 
 
-def _plan(op):
-    rule, inplace = BATCH_RULES.get(op), mutates_self(op)
-    counterpart = metadata_inplace_counterpart(op)
-    if counterpart is not None and rule is None:
-        # Compute the new view out of place, then give it to the tracer.
-        rule, inplace = BATCH_RULES.get(counterpart), _METADATA
-    plan = _PLANS[id(op)] = (rule, inplace, bool(op._schema.returns), is_random_op(op))
+class _Plan:
+    """What the per-op path needs to know about one op, read once.
+
+    ``direct``: the op's C++ entry point when its rule is the generic
+    elementwise one (``elementwise_batch``): when every tensor argument is
+    batched at the same dim with the same rank, that rule runs the op on the
+    physical values as they are, which the interpreter then does itself.
+    """
+
+    __slots__ = ("rule", "inplace", "returns", "random", "direct")
+
+    def __init__(self, op) -> None:
+        rule, inplace = BATCH_RULES.get(op), mutates_self(op)
+        counterpart = metadata_inplace_counterpart(op)
+        if counterpart is not None and rule is None:
+            # Compute the new view out of place, then give it to the tracer.
+            rule, inplace = BATCH_RULES.get(counterpart), _METADATA
+        self.rule = rule
+        self.inplace = inplace
+        self.returns = bool(op._schema.returns)
+        self.random = is_random_op(op)
+        self.direct = None
+        if not inplace and not self.random and _is_generic_elementwise(op, rule):
+            self.direct = getattr(op, "_op", op)
+
+
+def _is_generic_elementwise(op, rule) -> bool:
+    from ..rules.elementwise import elementwise_batch
+
+    return (
+        type(rule) is functools.partial
+        and rule.func is elementwise_batch
+        and rule.args == (op,)
+        and set(rule.keywords) <= {"skip_promotion"}  # only read when dims must be aligned
+    )
+
+
+def _plan(op) -> _Plan:
+    plan = _PLANS[id(op)] = _Plan(op)
     return plan
 
 
@@ -135,26 +170,39 @@ class VmapInterpreter(Interpreter):
         plan = _PLANS.get(id(op))
         if plan is None:
             plan = _plan(op)
-        rule, inplace, returns, random = plan
 
         values = list(args)
         bdims = [None] * len(args)
         batched = needs_keys = False
-        for i, a in enumerate(args):
-            if isinstance(a, Tensor):
-                if type(a) is BatchedTensor and a._interp is self:
-                    bdims[i] = a._bdim
-                    a = values[i] = a._value
+        # `uniform`: every tensor argument so far is batched at `layout`
+        # with rank `rank` (what the generic elementwise rule checks).
+        uniform = True
+        layout = rank = None
+        i = 0
+        for a in args:
+            if type(a) is BatchedTensor and a._interp is self:
+                bdim = bdims[i] = a._bdim
+                a = values[i] = a._value
+                if not batched:
                     batched = True
+                    layout, rank = bdim, a.dim()
+                elif uniform and (bdim != layout or a.dim() != rank):
+                    uniform = False
                 if a.requires_grad or a.is_complex() or a.is_neg():
                     needs_keys = True  # See NOTE [Autograd inside rules]
+            elif isinstance(a, Tensor):
+                uniform = False
+                if a.requires_grad or a.is_complex() or a.is_neg():
+                    needs_keys = True
             elif type(a) is list or type(a) is tuple:
+                uniform = False
                 inner = self._unwrap_list(a)
                 if inner is not None:
                     values[i], bdims[i] = inner
                     batched = True
                 if needs_dispatch_keys(values[i]):
                     needs_keys = True
+            i += 1
         if kwargs:
             for v in kwargs.values():
                 if type(v) is BatchedTensor and v._interp is self:
@@ -162,6 +210,20 @@ class VmapInterpreter(Interpreter):
                 if isinstance(v, Tensor) and (v.requires_grad or v.is_complex() or v.is_neg()):
                     needs_keys = True
 
+        direct = plan.direct
+        if direct is not None and uniform and batched:
+            # What the generic elementwise rule would do: the op on the
+            # physical values as they are.
+            if needs_keys:
+                with dispatch_keys_restored():
+                    out = direct(*values, **kwargs)
+            else:
+                out = direct(*values, **kwargs)
+            if isinstance(out, Tensor):
+                return make_batched(out, layout, self)
+            return self.wrap((out, layout))  # several outputs (frexp, ...)
+
+        rule, inplace = plan.rule, plan.inplace
         if inplace and batched and bdims[0] is None:
             raise RuntimeError(
                 f"vmap: in-place {op}(self, ...) is not possible: `self` is not batched but "
@@ -169,7 +231,7 @@ class VmapInterpreter(Interpreter):
                 f"dimension that `self` does not have. Use the out-of-place operation "
                 f"(e.g. `x = x + y` instead of `x += y`), or make `self` batched too."
             )
-        if rule is None or random:
+        if rule is None or plan.random:
             return self._guarded(op, rule, args, kwargs, values, bdims, needs_keys)
         if needs_keys:
             with dispatch_keys_restored():
@@ -179,7 +241,7 @@ class VmapInterpreter(Interpreter):
         if inplace:
             if inplace is _METADATA:
                 return _mutate_metadata(op, args, kwargs, *result)
-            return args[0] if returns else None
+            return args[0] if plan.returns else None
         out, bdim = result
         if type(bdim) is int and isinstance(out, Tensor):
             return make_batched(out, bdim, self)
@@ -194,15 +256,15 @@ class VmapInterpreter(Interpreter):
             # in eval mode).
             raise RuntimeError(RANDOMNESS_ERROR_MESSAGE)
         state = STATE
-        saved_ceiling = state.ceiling
-        state.ceiling = self.level - 1
+        saved_ceiling, saved_owner = state.ceiling, state.rule_owner
+        state.ceiling, state.rule_owner = self.floor, self
         try:
             if rule is None:
                 return self._without_rule(op, args, kwargs, values, bdims)
             with dispatch_keys_restored() if needs_keys else _nullcontext():
                 result = rule(bdims, *values, **kwargs)
         finally:
-            state.ceiling = saved_ceiling
+            state.ceiling, state.rule_owner = saved_ceiling, saved_owner
         if mutates_self(op):
             return args[0] if op._schema.returns else None
         return self.wrap(result)
@@ -269,8 +331,8 @@ class VmapInterpreter(Interpreter):
                 values.append(a)
                 bdims.append(None)
         state = STATE
-        saved_ceiling = state.ceiling
-        state.ceiling = self.level - 1
+        saved_ceiling, saved_owner = state.ceiling, state.rule_owner
+        state.ceiling, state.rule_owner = self.floor, self
         try:
             if op in KWARG_BATCH_RULES:
                 # A rule that takes batched keyword-only tensors (e.g. an
@@ -286,7 +348,7 @@ class VmapInterpreter(Interpreter):
                 return self.wrap(result)
             return self._loop(op, args, kwargs, values, bdims)
         finally:
-            state.ceiling = saved_ceiling
+            state.ceiling, state.rule_owner = saved_ceiling, saved_owner
 
     def _loop(self, op, args, kwargs, values, bdims):
         """The slow but correct fallback: run ``op`` once per batch element."""
@@ -339,7 +401,7 @@ def current_vmap() -> VmapInterpreter:
     Valid inside the rules of random ops and the fallbacks (they run with
     the ceiling set to the level below, see NOTE [Ceiling])."""
     state = STATE
-    interp = state.stack[state.ceiling] if state.ceiling is not None else None
+    interp = state.rule_owner
     if not isinstance(interp, VmapInterpreter):
         raise RuntimeError("current_vmap() called outside a vmap random-op rule")
     return interp
