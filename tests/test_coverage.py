@@ -27,7 +27,7 @@ def test_coverage_of_the_registry():
     report = coverage()
     rows = {op: (vmap_kind, grad_kind, jvp_kind) for op, vmap_kind, grad_kind, jvp_kind in report.rows}
     assert rows["aten.sin.default"] == ("rule", "rule", "rule")
-    assert rows["aten.nonzero.default"][0] == "error"  # data-dependent shape: a clear error, on purpose
+    assert rows["aten.unique_dim.default"][0] == "error"  # data-dependent shape: a clear error, on purpose
     assert sum(report.counts()["vmap"].values()) == len(report.rows)
     assert "aten.sin.default" in str(report)
 

@@ -151,3 +151,21 @@ def test_metadata_inplace_ops_update_the_tracer():
     out, mm = vmap(f)(x)
     torch.testing.assert_close(out, torch.stack([r.unsqueeze(0).t() for r in x]))
     torch.testing.assert_close(mm, x @ w)
+
+
+def test_conjugate_views_then_real_and_imag_under_every_transform():
+    # See NOTE [Conjugation is physical inside tracers].
+    import torch.autograd.forward_ad as fwAD
+
+    from torchxform import grad, jvp, vmap
+
+    f = lambda x: (torch.conj(x * (1 + 2j)).imag * x + torch.fft.ifft(x).real).sum()  # noqa: E731
+    x = torch.randn(4, dtype=torch.float64)
+    leaf = x.clone().requires_grad_()
+    torch.testing.assert_close(grad(f)(x), torch.autograd.grad(f(leaf), leaf)[0])
+    t = torch.randn(4, dtype=torch.float64)
+    with fwAD.dual_level():
+        expected = fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
+    torch.testing.assert_close(jvp(f, (x,), (t,))[1], expected)
+    xs = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(vmap(f)(xs), torch.stack([f(row) for row in xs]))

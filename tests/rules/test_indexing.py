@@ -1080,3 +1080,46 @@ AUTOGRAD = [
 @pytest.mark.parametrize("name,fn,args,in_dims", AUTOGRAD, ids=[row[0] for row in AUTOGRAD])
 def test_autograd_through_rules(name, fn, args, in_dims):
     check_autograd_through_vmap(fn, args, in_dims, double=False, msg=name)
+
+
+# -- data-dependent sizes that agree (NOTE [Data-dependent sizes that agree]) ----
+
+
+def _stacked(fn, *batches):
+    return torch.stack([fn(*example) for example in zip(*batches)])
+
+
+def test_masked_select_batched_mask_with_equal_counts():
+    x = torch.randn(3, 4, 5)
+    mask = torch.argsort(torch.rand(3, 4, 5).flatten(1), 1).view(3, 4, 5) < 7  # 7 per example
+    with no_fallback():
+        out = torchxform.vmap(torch.masked_select)(x, mask)
+        nested = torchxform.vmap(torchxform.vmap(torch.masked_select))(x.unsqueeze(0).expand(2, 3, 4, 5), mask.expand(2, 3, 4, 5))
+    assert_close(out, _stacked(torch.masked_select, x, mask))
+    assert_close(nested, out.expand(2, 3, 7))
+    with pytest.raises(RuntimeError, match="dynamic shape"):
+        torchxform.vmap(torch.masked_select)(x, torch.rand(3, 4, 5) > torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1))
+
+
+def test_nonzero_and_bincount_when_sizes_agree():
+    x = torch.tensor([[0.0, 1.0, 2.0], [3.0, 0.0, 4.0]])
+    with no_fallback():
+        assert_close(torchxform.vmap(torch.nonzero)(x), _stacked(torch.nonzero, x))
+        ints = torch.tensor([[0, 3, 3, 1], [2, 3, 0, 0]])
+        weights = torch.randn(2, 4)
+        assert_close(torchxform.vmap(torch.bincount)(ints), _stacked(torch.bincount, ints))
+        assert_close(torchxform.vmap(lambda i, w: torch.bincount(i, w, minlength=6))(ints, weights),
+                     _stacked(lambda i, w: torch.bincount(i, w, minlength=6), ints, weights))
+    with pytest.raises(RuntimeError, match="dynamic shape"):
+        torchxform.vmap(torch.nonzero)(torch.tensor([[0.0, 1.0], [1.0, 1.0]]))
+    with pytest.raises(RuntimeError, match="dynamic shape"):
+        torchxform.vmap(torch.bincount)(torch.tensor([[0, 1], [0, 4]]))
+
+
+@pytest.mark.parametrize("size", [0, 2, 5, 9])
+def test_nonzero_static(size):
+    x = torch.randn(3, 2, 3) * (torch.rand(3, 2, 3) > 0.5)
+    fn = lambda t: torch.nonzero_static(t, size=size, fill_value=-7)  # noqa: E731
+    with no_fallback():
+        for dim in (0, 1, 2):
+            assert_close(torchxform.vmap(fn, in_dims=dim)(x), _stacked(fn, x.movedim(dim, 0)))

@@ -360,6 +360,11 @@ NORM = [
         lambda x, w, m, v: aten._native_batch_norm_legit_functional(x, w, None, m, v, False, 0.1, 1e-5),
         [(3, 2, 4), (2,), (2,), positive(2)],
     ),
+    (  # the reserve buffer left out
+        "no_update",
+        lambda x, w, m, v: aten._batch_norm_no_update(x, w, None, m, v, 0.1, 1e-5)[:3],
+        [(3, 2, 4), (2,), (2,), positive(2)],
+    ),
 ]
 
 
@@ -370,8 +375,13 @@ def test_normalization(name, fn, specs, dtype):
         check_vmap_sampled(fn, sampler(dtype, specs), dims=(0, -1, None) if len(specs) < 4 else SOME_DIMS, msg=name)
 
 
+def _batch_norm_with_update(x, m, v):  # the reserve buffer left out
+    return aten._batch_norm_with_update(x, None, None, m, v, 0.3, 1e-5)[:3]
+
+
 @pytest.mark.parametrize("in_dims", [(0, 0, 0), (0, 1, 1), (1, 0, 0), (None, 0, 0)])
-def test_batch_norm_training_updates_batched_running_stats(in_dims):
+@pytest.mark.parametrize("op", ["batch_norm", "with_update"])
+def test_batch_norm_training_updates_batched_running_stats(in_dims, op):
     x = torch.randn(3, 4, 2, 5, dtype=torch.float64)
     x = x.movedim(0, 1) if in_dims[0] == 1 else (x[0] if in_dims[0] is None else x)
     mean, var = torch.randn(3, 2, dtype=torch.float64), torch.rand(3, 2, dtype=torch.float64) + 0.5
@@ -379,6 +389,8 @@ def test_batch_norm_training_updates_batched_running_stats(in_dims):
         mean, var = mean.t().contiguous(), var.t().contiguous()
 
     def fn(x, m, v):
+        if op == "with_update":
+            return _batch_norm_with_update(x, m, v)
         return F.batch_norm(x, m, v, training=True, momentum=0.3)
 
     stats = (mean.clone(), var.clone())

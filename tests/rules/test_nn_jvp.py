@@ -160,14 +160,15 @@ def test_normalization(fn, sample, options):
 
 @pytest.mark.parametrize("op, definition, sample", STATISTICS)
 def test_normalization_statistics_tangents(op, definition, sample):
-    """NOTE [Normalization statistics are differentiable outputs]: the mean
-    and inverse standard deviation get tangents (torch's forward formulas
-    give none: the reference is their definition)."""
+    """NOTE [Normalization statistics]: group norm's mean and inverse
+    standard deviation get tangents (reference: their definition); batch
+    norm's and layer norm's zero ones, as torch's forward formulas give
+    (reference: forward_ad on the op)."""
     x = sample()
     t = torch.randn_like(x)
     with no_fallback():
         out, tangents = torchxform.jvp(op, (x,), (t,))
-    expected_out, expected = reference_jvp(definition, (x,), (t,))
+    expected_out, expected = reference_jvp(definition or op, (x,), (t,))
     assert_close(out, expected_out)
     assert_close(tangents, expected)
 
@@ -493,6 +494,7 @@ PER_EXAMPLE = [
     row("batch_norm_train", lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
         lambda: (randn(4, 3, 5), randn(3), randn(3))),
     row("group_norm", lambda x, w, b: F.group_norm(x, 2, w, b), lambda: (randn(2, 4, 5), randn(4), randn(4))),
+    row("layer_norm", lambda x, w, b: F.layer_norm(x, (5,), w, b), lambda: (randn(4, 3, 5), randn(5), randn(5))),
     row("grid_sample_bicubic", GRID_BICUBIC, lambda: (randn(2, 2, 5, 4), grid(2, 3, 4, 2))),
     row("sdpa_causal", with_reference(CAUSAL, _math_backend(CAUSAL)), QKV),
 ]

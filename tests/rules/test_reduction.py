@@ -406,3 +406,69 @@ def test_outputs_stay_differentiable(name, fn):
             ref = torch.stack([fn(e) for e in ref_leaf])
             (ref_grad,) = torch.autograd.grad((ref * weight).sum(), ref_leaf)
             assert_close(grad.movedim(in_dim, 0), ref_grad, msg=name)
+
+
+# -- pairwise distances and segments: what the OpInfo samples do not reach -------------
+
+DISTANCE_P = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, inf]
+
+
+def _cdist(a, b, p):
+    return torch.cdist(a, b, p=p, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+@pytest.mark.parametrize("p", DISTANCE_P)
+def test_distance_derivatives(p):
+    """cdist / pdist: the JVP against torch's reverse-mode Jacobian (torch has
+    no forward formula), forward over reverse against reverse over reverse,
+    and both against central differences of torch's gradient (torch has no
+    double backward); vmap of pdist against a loop."""
+    torch.manual_seed(0)
+    x1, x2, x = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    for fn, args in [(lambda a, b: _cdist(a, b, p), (x1, x2)), (lambda a: torch.pdist(a, p), (x,))]:
+        tangents = tuple(torch.randn_like(a) for a in args)
+        with no_fallback():
+            _, tangent = torchxform.jvp(fn, args, tangents)
+        jac = torch.autograd.functional.jacobian(fn, args)
+        expected = sum((j.reshape(tangent.numel(), -1) @ t.reshape(-1)).reshape(tangent.shape) for j, t in zip(jac, tangents))
+        assert_close(tangent, expected, msg=f"jvp p={p}")
+
+        def scalar(a):
+            return fn(a, *args[1:]).sin().sum()
+
+        def torch_grad(a):
+            a = a.clone().requires_grad_()
+            return torch.autograd.grad(scalar(a), a)[0]
+
+        a0, eps = args[0], 1e-6
+        basis = torch.eye(a0.numel(), dtype=a0.dtype).reshape(-1, *a0.shape)
+        differences = torch.stack([(torch_grad(a0 + eps * e) - torch_grad(a0 - eps * e)) / (2 * eps) for e in basis], -1)
+        with no_fallback():
+            fwd_rev = torchxform.jacfwd(torchxform.jacrev(scalar))(a0)
+            rev_rev = torchxform.jacrev(torchxform.jacrev(scalar))(a0)
+        assert_close(fwd_rev, rev_rev, msg=f"forward over reverse p={p}")
+        assert_close(fwd_rev, differences.reshape(fwd_rev.shape), atol=1e-4, rtol=1e-4, msg=f"second order p={p}")
+    xs = torch.randn(3, 6, 3, dtype=torch.float64)
+    with no_fallback():
+        assert_close(torchxform.vmap(lambda a: torch.pdist(a, p))(xs), loop_reference(lambda a: torch.pdist(a, p), (xs,), 0))
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean", "max", "min", "prod"])
+def test_segment_reduce_batched_lengths(reduce):
+    """Per-example lengths (a batched keyword argument), and vmap of grad."""
+    data = torch.randn(3, 5, 2, dtype=torch.float64)
+    lengths = torch.tensor([[0, 1, 2, 2], [2, 0, 3, 0], [5, 0, 0, 0]])
+
+    def fn(x, lens):
+        return aten.segment_reduce(x, reduce, lengths=lens, axis=0, initial=1)
+
+    def loss(x, lens):
+        return fn(x, lens).sin().sum()
+
+    with no_fallback():
+        actual = torchxform.vmap(fn)(data, lengths)
+        grads = torchxform.vmap(torchxform.grad(loss))(data, lengths)
+    assert_close(actual, loop_reference(fn, (data, lengths), 0))
+    leaves = [d.clone().requires_grad_() for d in data]
+    expected = torch.stack([torch.autograd.grad(loss(d, lens), d)[0] for d, lens in zip(leaves, lengths)])
+    assert_close(grads, expected)

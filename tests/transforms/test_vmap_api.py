@@ -264,13 +264,20 @@ def test_setitem_with_batched_value():
         (lambda a: a.sum().item(), r"\.item\(\)"),
         (lambda a: a.sum() > 0 and a, r"\.item\(\)|control flow"),
         (lambda a: a.tolist(), r"\.tolist\(\)"),
-        (lambda a: torch.nonzero(a), "dynamic shape"),
+        (lambda a: torch.unique(a), "dynamic shape"),
+        (lambda a: torch.nonzero(a > 0), "dynamic shape"),  # counts differ between examples
     ],
-    ids=["item", "bool", "tolist", "nonzero"],
+    ids=["item", "bool", "tolist", "unique", "nonzero"],
 )
 def test_data_dependent_ops_raise(fn, match):
+    x = torch.tensor([[1.0, -1.0, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0], [-1.0, -2.0, 5.0, 0.5]])
     with pytest.raises(RuntimeError, match=match):
-        vmap(fn)(torch.randn(3, 4))
+        vmap(fn)(x)
+
+
+def test_nonzero_batches_when_every_example_has_the_same_count():
+    x = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 4.0]])
+    assert_close(vmap(torch.nonzero)(x), torch.stack([torch.nonzero(row) for row in x]))
 
 
 # -- tracers ------------------------------------------------------------------

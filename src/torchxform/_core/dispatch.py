@@ -101,8 +101,19 @@ def bind(op, args, kwargs):
     if not top.alive:
         args, kwargs = _replace_dead_tracers(args, kwargs)
         return bind(op, args, kwargs)
+    if op is _LAZY_CONJ:  # See NOTE [Conjugation is physical inside tracers]
+        op = _PHYSICAL_CONJ
     return top.process(op, args, kwargs)
 
+
+# NOTE [Conjugation is physical inside tracers]
+# A tracer's wrapper never carries PyTorch's lazy conjugate bit, so its
+# payload must not either: ``x.conj().real`` checks the (clear) bit on the
+# wrapper and then reaches a kernel (view_as_real) that refuses a lazily
+# conjugated payload.  So ``_conj`` on a tracer runs as ``conj_physical``:
+# same values, but the result does not alias its input.
+_LAZY_CONJ = torch.ops.aten._conj.default
+_PHYSICAL_CONJ = torch.ops.aten.conj_physical.default
 
 _tracer_module._bind = bind
 

@@ -64,6 +64,13 @@ def metadata_inplace_counterpart(op):
     if name in ("squeeze_", "unsqueeze_", "t_", "transpose_", "as_strided_", "swapaxes_", "swapdims_"):
         packet = getattr(torch.ops.aten, name[:-1])
         overload = op._overloadname
-        counterpart = getattr(packet, overload) if overload in packet.overloads() else None
+        if overload in packet.overloads():
+            counterpart = getattr(packet, overload)
+        else:  # transpose_.default is transpose.int: match by argument names
+            names = [a.name for a in op._schema.arguments]
+            for candidate in packet.overloads():
+                if [a.name for a in getattr(packet, candidate)._schema.arguments] == names:
+                    counterpart = getattr(packet, candidate)
+                    break
     _METADATA_INPLACE[id(op)] = counterpart
     return counterpart

@@ -111,13 +111,19 @@ def _convolution_batch(bdims, x, weight, bias, stride, padding, dilation, transp
 
 @register_batching(aten.convolution_backward.default)
 def convolution_backward_batch(bdims, grad_output, x, weight, bias_sizes, *conv_args):
-    """Per-example gradients of a convolution.  Only grad_input wanted and
-    the weight shared: fold the batch into N.  Otherwise the grouped trick
-    (each example a group of its own) gives per-example grad_weight and
-    grad_bias in the same call.
+    """Per-example gradients of a convolution, each output from the kernel
+    call that is cheapest for it (torch.func's choice too):
 
-    # grad_output [B, N, O, *S'] -> [N, B*O, *S'];  input [B, N, C, *S] -> [N, B*C, *S]
-    # weight [B, O, C/g, *K] -> [B*O, C/g, *K];  groups g -> B*g
+    * grad_input with the weight shared: the batch folds into N, one
+      ungrouped call (cheaper than the grouped one below);
+    * grad_weight (and grad_input with per-example weights): the grouped
+      trick, each example a group of its own;
+    * grad_bias: grad_output summed over all but its channels, which costs a
+      tenth of what the convolution kernel spends on it.
+
+    # fold:    grad_output [B, N, O, *S'] -> [B*N, O, *S'];  input [B, N, C, *S] -> [B*N, C, *S]
+    # grouped: grad_output [B, N, O, *S'] -> [N, B*O, *S'];  input [B, N, C, *S] -> [N, B*C, *S]
+    #          weight [B, O, C/g, *K] -> [B*O, C/g, *K];  groups g -> B*g
     """
     op = aten.convolution_backward.default
     stride_to_output_padding, groups, output_mask = conv_args[:5], conv_args[5], conv_args[6]
@@ -128,31 +134,42 @@ def convolution_backward_batch(bdims, grad_output, x, weight, bias_sizes, *conv_
         raise_as_eager(op, bdims, args)
     batch = batch_size(args, bdims)
 
-    def backward(grad_output, x, weight, bias_sizes, groups):
-        return op(grad_output, x, weight, bias_sizes, *stride_to_output_padding, groups, output_mask)
+    def backward(grad_output, x, weight, groups, mask):
+        return op(grad_output, x, weight, None, *stride_to_output_padding, groups, mask)
 
+    grad_input = grad_weight = grad_bias = None
+    out_bdims = [1, 0, 0]
+    fold_input = output_mask[0] and w_bdim is None
+    grouped_mask = [output_mask[0] and not fold_input, output_mask[1], False]
     try:
-        if w_bdim is None and not output_mask[1] and not output_mask[2]:
-            grad_output = _materialize(grad_output, g_bdim, batch).flatten(0, 1)
-            x = _materialize(x, x_bdim, batch).flatten(0, 1)
-            grad_input = backward(grad_output, x, weight, bias_sizes, groups)[0]
-            return (_unfold(grad_input, 0, batch), None, None), 0
-        grad_input, grad_weight, grad_bias = backward(
-            _channels_to_front(grad_output, g_bdim, batch),
-            _channels_to_front(x, x_bdim, batch),
-            _materialize(weight, w_bdim, batch).flatten(0, 1),
-            None if bias_sizes is None else [batch * bias_sizes[0]],
-            groups * batch,
-        )
+        if fold_input:
+            folded = backward(
+                _materialize(grad_output, g_bdim, batch).flatten(0, 1),
+                _materialize(x, x_bdim, batch).flatten(0, 1),
+                weight, groups, [True, False, False],
+            )[0]
+            grad_input, out_bdims[0] = _unfold(folded, 0, batch), 0
+        if grouped_mask[0] or grouped_mask[1]:
+            grouped_input, grad_weight, _ = backward(
+                _channels_to_front(grad_output, g_bdim, batch),
+                _channels_to_front(x, x_bdim, batch),
+                _materialize(weight, w_bdim, batch).flatten(0, 1),
+                groups * batch, grouped_mask,
+            )
+            if grouped_input is not None:
+                grad_input = grouped_input.unflatten(1, (batch, -1))
+            if grad_weight is not None:
+                grad_weight = grad_weight.unflatten(0, (batch, -1))
+        if output_mask[2]:
+            # [B, N, O, *S'] -> [B, O]  (unbatched: [N, O, *S'] -> [O])
+            if g_bdim is None:
+                grad_bias, out_bdims[2] = grad_output.sum([0, *range(2, grad_output.dim())]), None
+            else:
+                grad_output = move_bdim_to_front(grad_output, g_bdim)
+                grad_bias = grad_output.sum([1, *range(3, grad_output.dim())])
     except RuntimeError as error:
         raise_as_eager(op, bdims, args, error=error)
-    if grad_input is not None:
-        grad_input = grad_input.unflatten(1, (batch, -1))
-    if grad_weight is not None:
-        grad_weight = grad_weight.unflatten(0, (batch, -1))
-    if grad_bias is not None:
-        grad_bias = grad_bias.unflatten(0, (batch, -1))
-    return (grad_input, grad_weight, grad_bias), (1, 0, 0)
+    return (grad_input, grad_weight, grad_bias), tuple(out_bdims)
 
 
 # ==========================================================================

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .._core.registry import overloads, register_batching, register_nondifferentiable
+from .._core.registry import overloads, register_batching, register_nondifferentiable, register_vjp
 from ._batching import move_bdim_to_front
 
 aten = torch.ops.aten
@@ -169,3 +169,30 @@ register_nondifferentiable(
     *overloads(aten.linspace, "Tensor_Tensor", "Tensor_Scalar", "Scalar_Tensor"),
     *overloads(aten.logspace, "Tensor_Tensor", "Tensor_Scalar", "Scalar_Tensor"),
 )
+
+
+# -- layout conversion: the gradient of to_sparse is the cotangent, dense ----
+# (derivatives.yaml's to_sparse_backward for a strided input).
+
+
+@register_vjp(*overloads(aten._to_sparse, "default", "sparse_dim"))
+def to_sparse_vjp(grad):
+    return (grad.to_dense() if grad.layout != torch.strided else grad,)
+
+
+@register_vjp(*overloads(aten._to_dense, "default"))
+def to_dense_vjp(grad, self, masked_grad=None):
+    """derivatives.yaml's to_dense_backward: the dense cotangent restricted
+    to the input's sparsity pattern (``masked_grad``, the default), or all of it."""
+    if self.layout == torch.strided:
+        return (grad,)
+    if masked_grad is None or masked_grad:
+        return (grad.sparse_mask(self.coalesce()),)
+    return (grad.to_sparse(),)
+
+
+@register_vjp(*overloads(aten.sparse_mask, "default"))
+def sparse_mask_vjp(grad, self):
+    """derivatives.yaml's sparse_mask_backward for a strided ``self``: the
+    (already masked) cotangent, dense."""
+    return (grad.to_dense() if self.layout == torch.strided and grad.layout != torch.strided else grad, None)

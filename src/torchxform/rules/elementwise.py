@@ -318,7 +318,10 @@ def reduce_to(grad, meta):
     if grad.shape != shape:
         grad = grad.sum_to_size(shape)
     if grad.dtype != dtype:
-        grad = grad.real if grad.is_complex() and not dtype.is_complex else grad.to(dtype)
+        if grad.is_complex() and not dtype.is_complex:
+            grad = grad.real
+        if grad.dtype != dtype:  # complex64 -> float64 (cfloat of a double): .real is float32
+            grad = grad.to(dtype)
     if grad.device != device:
         grad = grad.to(device)
     return grad
@@ -379,7 +382,10 @@ def elementwise_jvp(partials: Callable) -> Callable:
         if total.shape != result.shape:
             total = total.expand(result.shape)
         if total.dtype != result.dtype:
-            total = total.real if total.is_complex() and not result.dtype.is_complex else total.to(result.dtype)
+            if total.is_complex() and not result.dtype.is_complex:
+                total = total.real
+            if total.dtype != result.dtype:
+                total = total.to(result.dtype)
         return total
 
     params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in ("tangents", "result")] + [
@@ -390,20 +396,33 @@ def elementwise_jvp(partials: Callable) -> Callable:
     return rule
 
 
-def derivative(ops, partials, *, conjugate: bool = True) -> None:
+def derivative(ops, partials, *, conjugate: bool = True, vjp=None) -> None:
     """Register the derivatives (VJP and JVP) of elementwise ``ops`` and
     their in-place variants (found by name) from ``partials``.  See
     :func:`elementwise_vjp`.  ``conjugate=False`` marks functions that are
-    not holomorphic for complex inputs (``abs``): their JVP is written apart."""
+    not holomorphic for complex inputs (``abs``): their JVP is written apart.
+    ``vjp``: a VJP rule to use instead of the partials' (a fused backward
+    kernel, see :func:`fused_backward`)."""
     targets = []
     for op in ops:
         targets.append(op)
         inplace = _inplace_variant(op)
         if inplace is not None:
             targets.append(inplace)
-    register_vjp(*targets)(elementwise_vjp(partials, conjugate=conjugate))
+    register_vjp(*targets)(vjp if vjp is not None else elementwise_vjp(partials, conjugate=conjugate))
     if conjugate:
         register_jvp(*targets)(elementwise_jvp(partials))
+
+
+def fused_backward(kernel, *constants):
+    """A VJP rule ``grad -> kernel(grad, result, *constants)`` for a unary op
+    whose gradient has one ATen kernel (``tanh_backward``, ...), as autograd
+    computes it: one kernel instead of the partial's several ops."""
+
+    def vjp(grad, result):
+        return (kernel(grad, result, *constants),)
+
+    return vjp
 
 
 def _mask(condition, like):
@@ -489,7 +508,12 @@ derivative(
     [aten.special_xlog1py.default],
     lambda self, other: (torch.where((self == 0) & (other <= -1), 0.0, other.log1p()), self / (other + 1)),
 )
-derivative([aten.logaddexp.default], lambda self, other: ((self - other).sigmoid(), (other - self).sigmoid()))
+# derivatives.yaml's form, not the equal sigmoid(self - other): its second
+# derivative is nan where an input is -inf (masked reductions), as torch's is
+derivative(
+    [aten.logaddexp.default],
+    lambda self, other: (1 / (1 + (other - self).exp()), 1 / (1 + (self - other).exp())),
+)
 derivative(
     [aten.logaddexp2.default],
     lambda self, other: (1 / (1 + torch.pow(2, other - self)), 1 / (1 + torch.pow(2, self - other))),
@@ -550,9 +574,42 @@ derivative([aten.clamp_min.default], lambda self, min: (_mask(self >= min, self)
 derivative([aten.clamp_max.default], lambda self, max: (_mask(self <= max, self),))
 derivative([aten.clamp_min.Tensor], lambda self, min: (_mask(self >= min, self), _mask(self < min, min)))
 derivative([aten.clamp_max.Tensor], lambda self, max: (_mask(self <= max, self), _mask(self > max, max)))
-derivative([aten.where.self], lambda condition: (None, condition, ~condition))
-derivative([aten.masked_fill.Scalar], lambda mask: (~mask,))
-derivative([aten.masked_fill.Tensor], lambda mask: (~mask, None, mask))
+
+
+# Selections select the cotangent (torch.where), never multiply it by a 0/1
+# mask: a nan or inf cotangent at a position not selected must give 0 there,
+# as derivatives.yaml's where(condition, grad, 0) does.
+@register_vjp(aten.where.self)
+def where_vjp(grad, condition, needs, inputs_meta):
+    return (
+        None,
+        reduce_to(torch.where(condition, grad, 0), inputs_meta[1]) if needs[1] and inputs_meta[1] else None,
+        reduce_to(torch.where(condition, 0, grad), inputs_meta[2]) if needs[2] and inputs_meta[2] else None,
+    )
+
+
+@register_vjp(aten.masked_fill.Scalar, aten.masked_fill_.Scalar)
+def masked_fill_vjp(grad, mask, needs, inputs_meta):
+    return (reduce_to(grad.masked_fill(mask, 0), inputs_meta[0]) if needs[0] else None,)
+
+
+@register_vjp(aten.masked_fill.Tensor, aten.masked_fill_.Tensor)
+def masked_fill_tensor_vjp(grad, mask, needs, inputs_meta):
+    return (
+        reduce_to(grad.masked_fill(mask, 0), inputs_meta[0]) if needs[0] else None,
+        None,
+        reduce_to(torch.where(mask, grad, 0), inputs_meta[2]) if needs[2] else None,
+    )
+
+
+@register_jvp(aten.masked_fill.Tensor, aten.masked_fill_.Tensor)
+def masked_fill_tensor_jvp(self, mask, self_t, value_t):
+    if self_t is None and value_t is None:
+        return None
+    base = self_t if self_t is not None else torch.zeros_like(self)
+    return base.masked_fill(mask, 0 if value_t is None else value_t)
+
+
 derivative([aten.nan_to_num.default], lambda self: (self.isfinite(),))
 
 # -- exponentials, logs, powers -------------------------------------------------
@@ -581,7 +638,7 @@ derivative([aten.acos.default], lambda self: (-(1 - self * self).rsqrt(),))
 derivative([aten.atan.default], lambda self: ((1 + self * self).reciprocal(),))
 derivative([aten.sinh.default], lambda self: (self.cosh(),))
 derivative([aten.cosh.default], lambda self: (self.sinh(),))
-derivative([aten.tanh.default], lambda result: (1 - result * result,))
+derivative([aten.tanh.default], lambda result: (1 - result * result,), vjp=fused_backward(aten.tanh_backward.default))
 derivative([aten.asinh.default], lambda self: ((self * self + 1).rsqrt(),))
 derivative([aten.acosh.default], lambda self: ((self * self - 1).rsqrt(),))
 derivative([aten.atanh.default], lambda self: ((1 - self * self).reciprocal(),))
@@ -626,6 +683,34 @@ derivative([aten.special_entr.default], lambda self: (-(1 + self.log()),))
 derivative([aten.abs.default], lambda self: (self.sgn(),), conjugate=False)
 
 
+# -- ops with an integer-valued output or argument ----------------------------
+
+
+@register_vjp(aten.frexp.Tensor)
+def frexp_vjp(grad, result):
+    """mantissa = self / 2^exponent, the exponent piecewise constant."""
+    if grad[0] is None:
+        return (None,)
+    return (grad[0] / result[1].to(grad[0].dtype).exp2(),)  # exp2 in the input's precision
+
+
+@register_jvp(aten.frexp.Tensor)
+def frexp_jvp(self_t, result):
+    return self_t / result[1].to(self_t.dtype).exp2(), None
+
+
+@register_vjp(aten.nextafter.default, *overloads(aten.nextafter_, "default"))
+def nextafter_vjp(grad, self, other, needs, inputs_meta):
+    """The next representable value after self: slope 1 in self (0 where it
+    equals other and the result is other), none in other."""
+    return (reduce_to(torch.where(self != other, grad, 0), inputs_meta[0]) if needs[0] else None, None)
+
+
+@register_jvp(aten.nextafter.default, *overloads(aten.nextafter_, "default"))
+def nextafter_jvp(self, other, self_t):
+    return None if self_t is None else torch.where(self != other, self_t, 0)
+
+
 # -- complex plumbing: conjugation and real/complex views ----------------------
 
 
@@ -660,14 +745,21 @@ def view_as_complex_vjp(grad):
 
 
 @register_vjp(aten.complex.default)
-def complex_vjp(grad):
-    return (grad.real, grad.imag)
+def complex_vjp(grad, needs, inputs_meta):
+    # real and imag broadcast against each other: sum back to each one's shape
+    return (
+        reduce_to(grad.real, inputs_meta[0]) if needs[0] else None,
+        reduce_to(grad.imag, inputs_meta[1]) if needs[1] else None,
+    )
 
 
 @register_vjp(aten.polar.default)
-def polar_vjp(grad, result):
+def polar_vjp(grad, result, needs, inputs_meta):
     conj = grad.conj()
-    return ((conj * result.sgn()).real, (conj * result * 1j).real)
+    return (
+        reduce_to((conj * result.sgn()).real, inputs_meta[0]) if needs[0] else None,
+        reduce_to((conj * result * 1j).real, inputs_meta[1]) if needs[1] else None,
+    )
 
 
 @register_vjp(aten.angle.default)
@@ -687,10 +779,14 @@ def sgn_vjp(grad, self, result):
     magnitude = self.abs()
     tangential = (grad - (grad * result.conj()).real * result) / magnitude
     return (torch.where(magnitude == 0, 0.0, tangential),)
-derivative([aten.sigmoid.default], lambda result: (result * (1 - result),))
+derivative(
+    [aten.sigmoid.default], lambda result: (result * (1 - result),), vjp=fused_backward(aten.sigmoid_backward.default)
+)
 
 # -- activations ------------------------------------------------------------------
-derivative([aten.relu.default], lambda result: (_mask(result > 0, result),))
+derivative(
+    [aten.relu.default], lambda result: (_mask(result > 0, result),), vjp=fused_backward(aten.threshold_backward.default, 0)
+)
 derivative([aten.threshold.default], lambda self, threshold: (_mask(self > threshold, self),))
 derivative([aten.leaky_relu.default], lambda self, negative_slope=0.01: (torch.where(self > 0, 1.0, negative_slope),))
 derivative(

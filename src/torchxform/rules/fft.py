@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from .._core.registry import register_batching
+from .._core.registry import register_batching, register_jvp, register_vjp
 from ._batching import front_padded, logical_rank, move_bdim_to_front, wrap_dim
+from ._derivatives import linear_jvp
 
 aten = torch.ops.aten
 
@@ -17,6 +18,47 @@ def fft_batch(op, bdims, x, dim, normalization, last):
     x = move_bdim_to_front(x, bdims[0])
     rank = x.dim() - 1
     return op(x, [wrap_dim(d, rank) + 1 for d in dim], normalization, last), 0
+
+
+# The transforms are linear: the JVP is the op on the tangent, and the VJP
+# its adjoint, which is the opposite-direction transform with the same
+# normalization (derivatives.yaml: fft_r2c_backward, fft_c2r_backward).
+register_jvp(aten._fft_c2c.default, aten._fft_r2c.default, aten._fft_c2r.default)(linear_jvp())
+
+
+@register_vjp(aten._fft_c2c.default)
+def fft_c2c_vjp(grad, dim, normalization, forward):
+    return (aten._fft_c2c.default(grad, dim, normalization, not forward),)
+
+
+@register_vjp(aten._fft_r2c.default)
+def fft_r2c_vjp(grad, inputs_meta, dim, normalization, onesided):
+    """A onesided r2c is a c2c of the real signal that drops the upper half
+    of the last transformed dim: zero-pad the gradient back to the signal's
+    length, inverse c2c, keep the real part."""
+    if onesided:
+        last = wrap_dim(dim[-1], grad.dim())
+        missing = inputs_meta[0][0][last] - grad.shape[last]
+        if missing > 0:  # pads are given from the last dim backwards
+            grad = aten.constant_pad_nd.default(grad, [0, 0] * (grad.dim() - 1 - last) + [0, missing])
+    return (torch.real(aten._fft_c2c.default(grad, dim, normalization, False)),)
+
+
+@register_vjp(aten._fft_c2r.default)
+def fft_c2r_vjp(grad, dim, normalization):
+    """A c2r first fills the upper half of the last dim by conjugate symmetry
+    from entries 1 .. n - half: those entries get their mirror's gradient
+    too, so the onesided r2c of the gradient is doubled there."""
+    out = aten._fft_r2c.default(grad, dim, normalization, True)
+    last = wrap_dim(dim[-1], grad.dim())
+    half = out.shape[last]
+    doubled = grad.shape[last] - half
+    if doubled > 0:
+        # half = 4 (n = 6 or 7), doubled = 2 or 3: scale [1, 2, 2, 1] or [1, 2, 2, 2]
+        scale = torch.ones(half, dtype=grad.dtype, device=grad.device)
+        scale[1 : 1 + doubled] = 2
+        out = out * scale.view((half,) + (1,) * (grad.dim() - 1 - last))
+    return (out,)
 
 
 @register_batching(aten._cdist_forward.default)

@@ -884,7 +884,7 @@ def repeat_interleave_batch(bdims, repeats, *, output_size=None):
 # diagonal, and functionalized writes into views).  With both batch dims in
 # front, the physical view (dims shifted by one) has the batch in front too,
 # where `src` has it.  as_strided_scatter, whose result depends on self's
-# strides, is left to the per-example loop.
+# storage, has its rule in view.py (NOTE [as_strided under vmap]).
 
 # op -> (defaults of the arguments after `src`, positions among them that are dims)
 _VIEW_SCATTERS = {
@@ -1039,6 +1039,52 @@ def embedding_dense_backward_vjp(grad, indices, num_weights, padding_idx, scale_
         counts = torch.zeros(num_weights, dtype=grad.dtype, device=grad.device).index_add(0, flat, ones)
         rows = rows / counts.index_select(0, flat).unsqueeze(-1)
     return (rows.view(tuple(indices.shape) + (grad.shape[-1],)),)
+
+
+# embedding_bag: derivatives.yaml's _embedding_bag_backward and
+# _embedding_bag_per_sample_weights_backward, written with index_select /
+# index_add so that they batch and differentiate again.  Mode 0 sums each
+# bag's rows (times per_sample_weights), 1 averages the non-padding ones,
+# 2 takes each column's max (at result3, the argmax rows).
+_EMBEDDING_BAG_SUM, _EMBEDDING_BAG_MEAN, _EMBEDDING_BAG_MAX = 0, 1, 2
+
+
+@register_vjp(*overloads(aten._embedding_bag, "default"), *overloads(aten._embedding_bag_forward_only, "default"))
+def embedding_bag_vjp(grad, weight, indices, result, needs, scale_grad_by_freq=False, mode=0, sparse=False,
+                      per_sample_weights=None, include_last_offset=False, padding_idx=-1):
+    grad = grad[0]
+    if grad is None:
+        return (None,)
+    offset2bag, bag_size, max_indices = result[1], result[2], result[3]
+    num_weights = weight.shape[0]
+    weight_grad = psw_grad = None
+    counts = None
+    if scale_grad_by_freq:
+        ones = torch.ones(indices.shape, dtype=grad.dtype, device=grad.device)
+        counts = torch.zeros(num_weights, dtype=grad.dtype, device=grad.device).index_add(0, indices, ones)
+    keep = (indices != padding_idx).to(grad.dtype).unsqueeze(1)  # [n, 1]; padding_idx -1: none
+    if needs[0]:
+        if mode == _EMBEDDING_BAG_MAX:
+            # [bags, D]: each column's cotangent goes to its argmax row (none for empty bags)
+            rows = grad * (bag_size > 0).to(grad.dtype).unsqueeze(1)
+            if counts is not None:
+                rows = rows / counts[max_indices].clamp(min=1)
+            weight_grad = grad.new_zeros((num_weights,) + tuple(grad.shape[1:])).scatter_add(0, max_indices, rows)
+        else:
+            rows = grad.index_select(0, offset2bag) * keep  # [n, D]
+            if mode == _EMBEDDING_BAG_MEAN:
+                rows = rows / bag_size.index_select(0, offset2bag).clamp(min=1).to(grad.dtype).unsqueeze(1)
+            if per_sample_weights is not None:
+                rows = rows * per_sample_weights.unsqueeze(1)
+            if counts is not None:
+                rows = rows / counts.index_select(0, indices).unsqueeze(1)
+            weight_grad = grad.new_zeros((num_weights,) + tuple(grad.shape[1:])).index_add(0, indices, rows)
+    if len(needs) > 6 and needs[6] and per_sample_weights is not None:
+        if mode != _EMBEDDING_BAG_SUM:
+            raise RuntimeError("embedding_bag: per_sample_weights only supported with mode='sum'")
+        rows = grad.index_select(0, offset2bag) * weight.index_select(0, indices) * keep
+        psw_grad = rows.sum(1)
+    return (weight_grad, None, None, None, None, None, psw_grad)
 
 
 # -- writes: index_put, put, masked_scatter, scatter, index_add/copy/fill --------
@@ -1340,11 +1386,7 @@ def index_fill_tensor_jvp(self_t, value_t, dim, index, result):
 
 @register_jvp(aten.masked_select.default)
 def masked_select_jvp(self_t, mask):
-    """``self_t.masked_select(mask)`` written as a mask index: masked_select
-    has no batching rule (under vmap its output size could differ per
-    example), a mask index that is not batched has one."""
-    shape = torch.broadcast_shapes(self_t.shape, mask.shape)
-    return aten.index.Tensor(self_t.expand(shape), [mask.expand(shape)])
+    return aten.masked_select.default(self_t, mask)
 
 
 # -- scatter_reduce / index_reduce: derivatives.yaml's scatter_reduce_jvp ------

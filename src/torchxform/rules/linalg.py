@@ -91,6 +91,17 @@ def _fold(product, ab, bb, a, b, lead):
     return out.view(*out.shape[:-1], cols, batch_or_cols), bb
 
 
+def _bmm(a, b):
+    """torch.bmm of two [B, n, k] @ [B, k, m] stacks.  With k == 1 (the outer
+    products that per-sample weight gradients are made of) a broadcasting
+    mul gives the same values (one product per entry, nothing summed) and
+    runs 1.5-3x faster than the gemm kernel, which is memory bound there."""
+    if (a.shape[-1] == 1 and b.shape[-2] == 1 and a.shape[0] == b.shape[0] and a.dtype == b.dtype
+            and a.is_floating_point()):
+        return a * b
+    return torch.bmm(a, b)
+
+
 def _mm_like(op, bdims, a, b, *, lead):
     """mm (lead=0) and bmm (lead=1)."""
     ab, bb = bdims
@@ -99,9 +110,9 @@ def _mm_like(op, bdims, a, b, *, lead):
     if ab is not None and bb is not None:
         a, b = move_bdim_to_front(a, ab), move_bdim_to_front(b, bb)
         if lead == 0:
-            return torch.bmm(a, b), 0
+            return _bmm(a, b), 0
         # [B,b,n,k] @ [B,b,k,m] -> [B*b,n,k] @ [B*b,k,m] (bmm never broadcasts b)
-        out = torch.bmm(a.flatten(0, 1), b.flatten(0, 1))
+        out = _bmm(a.flatten(0, 1), b.flatten(0, 1))
         return out.view(a.shape[:2] + out.shape[1:]), 0
     if lead == 0 and (bb == 0 or ab is not None and ab != 2):
         # matmul folds [B,n,k] @ [k,m] itself (in C++, faster), and runs
@@ -171,6 +182,8 @@ def _matmul(op, bdims, a, b):
         if rb == 2:  # v @ M = M^T v
             return _mv(op, (bb, ab), _transpose_logical(b, bb), a)
         return _dot(op, bdims, a, b)
+    if ra >= 3 and rb <= 2 and bb is not None:
+        return _matmul_fold_stack(a, ab, b, bb, rb)
     # Batched vectors become matrices, then the logical batch dims of both
     # sides are aligned after the vmap batch:
     # [B,k] @ [s,k,m] -> [B,1,1,k] @ [s,k,m] -> [B,s,1,m] -> [B,s,m]
@@ -190,6 +203,30 @@ def _matmul(op, bdims, a, b):
         b = front_padded(b, 0, rank)
     out = torch.matmul(a, b)
     return (out if squeeze is None else out.squeeze(squeeze)), 0
+
+
+def _matmul_fold_stack(a, ab, b, bb, rb):
+    """A stack of matrices against one batched matrix (or vector): the stack
+    folds into the rows, as torch.matmul folds it, so one bmm (or a
+    broadcast matmul over an unbatched stack) does the work instead of a
+    bmm over B * s copies of the right operand.
+
+    # [B,s,n,k] @ [B,k,m] -> [B,s*n,k] @ [B,k,m] -> [B,s*n,m] -> [B,s,n,m]
+    # [s,n,k]   @ [B,k]   -> [s*n,k] @ [B,k,1] -> [B,s*n,1] -> [B,s,n]
+    """
+    b = move_bdim_to_front(b, bb)
+    if rb == 1:
+        b = b.unsqueeze(-1)
+    if ab is None:
+        stack = a.shape[:-1]
+        rows = a.reshape(-1, a.shape[-1])
+    else:
+        a = move_bdim_to_front(a, ab)
+        stack = a.shape[1:-1]
+        rows = a.reshape(a.shape[0], -1, a.shape[-1])
+    out = _bmm(rows, b) if rows.dim() == 3 else torch.matmul(rows, b)
+    shape = (out.shape[0], *stack) if rb == 1 else (out.shape[0], *stack, out.shape[-1])
+    return out.view(shape), 0
 
 
 def _linear(op, bdims, x, weight, bias=None):
@@ -642,9 +679,41 @@ def _product_grads(product, grad, a, b, need_a, need_b, alpha=1):
     return grad_a, grad_b
 
 
+def _column_major(x):
+    """Whether a matrix is laid out as the transpose of a contiguous one, as
+    ``weight.t()`` in F.linear's ``addmm(bias, input, weight.t())``."""
+    return x.stride(0) == 1 and x.stride(1) == x.shape[0]
+
+
+def _mm_grads(grad, a, b, need_a, need_b, alpha=1):
+    """Cotangents of ``a`` and ``b`` in ``alpha * (a @ b)``, each in the
+    layout of its primal, as autograd's mm_mat1_backward/mm_mat2_backward:
+    the cotangent of a column-major operand is computed transposed,
+    ``(a^H @ g) = (g^T @ a^*)^T``, so it comes out column-major.  For
+    F.linear's ``weight.t()`` that makes the weight's gradient contiguous
+    (a per-sample [B, out, in] without a copy) and, under vmap, puts the
+    batched cotangent on the left of the product, where the batch folds
+    into the rows (NOTE [Folding the batch into a matmul]) instead of
+    broadcasting the other operand."""
+    grad_a = grad_b = None
+    if need_a:
+        if _column_major(a):  # (g @ b^H)^T = b^* @ g^T
+            grad_a = torch.mm(_conj(b), grad.mT).mT
+        else:
+            grad_a = torch.mm(grad, _adjoint(b))
+        grad_a = _scaled(grad_a, alpha)
+    if need_b:
+        if _column_major(b):  # (a^H @ g)^T = g^T @ a^*
+            grad_b = torch.mm(grad.mT, _conj(a)).mT
+        else:
+            grad_b = torch.mm(_adjoint(a), grad)
+        grad_b = _scaled(grad_b, alpha)
+    return grad_a, grad_b
+
+
 @register_vjp(aten.mm.default)
 def mm_vjp(grad, self, mat2, needs):
-    return _product_grads(torch.mm, grad, self, mat2, needs[0], needs[1])
+    return _mm_grads(grad, self, mat2, needs[0], needs[1])
 
 
 @register_vjp(aten.bmm.default)
@@ -655,7 +724,7 @@ def bmm_vjp(grad, self, mat2, needs):
 @register_vjp(aten.addmm.default, aten.addmm_.default)
 def addmm_vjp(grad, mat1, mat2, needs, inputs_meta, beta=1, alpha=1):
     return (_reduced(_scaled(grad, beta), inputs_meta[0], needs[0]),
-            *_product_grads(torch.mm, grad, mat1, mat2, needs[1], needs[2], alpha))
+            *_mm_grads(grad, mat1, mat2, needs[1], needs[2], alpha))
 
 
 @register_vjp(aten.baddbmm.default, aten.baddbmm_.default)

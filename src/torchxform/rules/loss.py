@@ -109,6 +109,48 @@ def nll_loss_batch(op, bdims, x, target, weight=None, reduction=_MEAN, ignore_in
     return (loss_sum / total if reduction == _MEAN else loss_sum, total), 0
 
 
+@register_batching(aten.nll_loss_backward.default, aten.nll_loss2d_backward.default)
+def nll_loss_backward_batch(op, bdims, grad_output, x, target, weight, reduction, ignore_index, total_weight):
+    """The unreduced backward of the folded batch, one kernel call: each
+    example's reduced grad_output (divided by its own total weight for
+    'mean', as the kernel does) becomes a per-target grad_output.
+
+    # mean: grad_output [B], total_weight [B] -> [B, N] (g / w_total per example)
+    # input [B, N, C], target [B, N] -> [B*N, C], [B*N] -> grad_input [B*N, C] -> [B, N, C]
+    """
+    g_bdim, x_bdim, t_bdim, w_bdim, tw_bdim = bdims[0], bdims[1], bdims[2], bdims[3], bdims[6]
+    args = (grad_output, x, target, weight, reduction, ignore_index, total_weight)
+    spatial = 2 if op is aten.nll_loss2d_backward.default else 0
+    x_rank, t_rank = logical_rank(x, x_bdim), logical_rank(target, t_bdim)
+    has_n = x_rank == spatial + 2
+    g_rank = logical_rank(grad_output, g_bdim)
+    if (t_rank != x_rank - 1 or not (has_n or (spatial == 0 and x_rank == 1))
+            or g_rank != (t_rank if reduction == _NONE else 0)
+            or logical_rank(total_weight, tw_bdim) != 0):
+        raise_as_eager(op, bdims, args)
+    batch = batch_size(args, bdims)
+    target = _materialize(target, t_bdim, batch)
+    grad_output = _materialize(grad_output, g_bdim, batch)
+    if reduction != _NONE:
+        if reduction == _MEAN:
+            grad_output = grad_output / move_bdim_to_front(total_weight, tw_bdim)
+        # [B] -> [B, *target] (contiguous: not every loss kernel reads stride-0 inputs safely)
+        grad_output = grad_output.view((batch,) + (1,) * (target.dim() - 1)).expand(target.shape).contiguous()
+    if w_bdim is not None:
+        # Per-example class weights: w[b, target] goes into grad_output, the kernel runs unweighted.
+        w = move_bdim_to_front(weight, w_bdim)
+        safe = torch.where(target == ignore_index, 0, target)
+        grad_output = grad_output * w.gather(1, safe.reshape(batch, -1)).view(target.shape)
+        weight = None
+    x = _materialize(x, x_bdim, batch)
+    scalar_weight = total_weight if tw_bdim is None else total_weight.select(tw_bdim, 0)
+    if has_n:
+        grad_input = op(grad_output.flatten(0, 1), x.flatten(0, 1), target.flatten(0, 1), weight, _NONE,
+                        ignore_index, scalar_weight)
+        return grad_input.unflatten(0, (batch, -1)), 0
+    return op(grad_output, x, target, weight, _NONE, ignore_index, scalar_weight), 0
+
+
 def _target_weights(op, x, target, weight, class_weight, ignore_index, has_n):
     """w[target] per target, 0 where ignored: eager's per-target weight.
     The loss op computes it itself from an input of ones (or of the weights)."""
@@ -132,47 +174,59 @@ def _target_weights(op, x, target, weight, class_weight, ignore_index, has_n):
 
 @register_batching(aten.multi_margin_loss.default)
 def multi_margin_loss_batch(bdims, x, target, p=1, margin=1, weight=None, reduction=_MEAN):
-    """input [N, C] or [C], target [N] or []: per-row losses of the folded
-    batch, then per-example reductions.  The kernel multiplies each row's
-    loss by weight[target], so a batched weight is applied afterwards."""
+    """input [N, C] with target [N], or one row: input [C] or [] (C = 1) with
+    a one-element target ([] or [1], the unreduced loss's shape).  Per-row
+    losses of the folded batch, then per-example reductions.  The kernel
+    multiplies each row's loss by weight[target], so a batched weight is
+    applied afterwards."""
     op = aten.multi_margin_loss.default
     x_bdim, t_bdim, w_bdim = bdims[0], bdims[1], bdims[4] if len(bdims) > 4 else None
-    x_rank = logical_rank(x, x_bdim)
-    if x_rank not in (1, 2) or logical_rank(target, t_bdim) != x_rank - 1:
-        raise_as_eager(op, bdims, (x, target, p, margin, weight, reduction))
+    args = (x, target, p, margin, weight, reduction)
+    x_rank, t_rank = logical_rank(x, x_bdim), logical_rank(target, t_bdim)
+    rows_form = x_rank == 2
+    if x_rank > 2 or (rows_form and t_rank != 1) or (not rows_form and t_rank > 1):
+        raise_as_eager(op, bdims, args)
     batch = batch_size((x, target, None, None, weight), bdims)
     x = _materialize(x, x_bdim, batch)
     target = _materialize(target, t_bdim, batch)
+    one_row_shape = tuple(target.shape[1:])
+    if not rows_form:
+        if target[0].numel() != 1:
+            raise_as_eager(op, bdims, args)
+        # [B, C] or [B] -> [B, 1, C]; target [B] or [B, 1] -> [B, 1]
+        x, target = x.reshape(batch, 1, -1), target.reshape(batch, 1)
     shared_weight = weight if w_bdim is None else None
-    if x_rank == 2:
-        loss = op(x.flatten(0, 1), target.flatten(0, 1), p, margin, shared_weight, _NONE).unflatten(0, (batch, -1))
-    else:
-        loss = op(x, target, p, margin, shared_weight, _NONE)
+    loss = op(x.flatten(0, 1), target.flatten(0, 1), p, margin, shared_weight, _NONE).unflatten(0, (batch, -1))
     if w_bdim is not None:
         # loss [B, N] * weight[b, target[b, n]]
-        w = move_bdim_to_front(weight, w_bdim)
-        if x_rank == 2:
-            w = w.unsqueeze(1).expand(x.shape)
+        w = move_bdim_to_front(weight, w_bdim).unsqueeze(1).expand(x.shape)
         loss = loss * w.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    if not rows_form:  # one row: the loss has the target's shape, or is a scalar
+        loss = loss.reshape((batch,) + one_row_shape) if reduction == _NONE else loss.reshape(batch)
     return _reduce_per_example(loss, reduction), 0
 
 
 @register_batching(*overloads(aten.multilabel_margin_loss_forward, "default"))
 def multilabel_margin_loss_batch(bdims, x, target, reduction):
-    """input and target [N, C] or [C]: fold the batch into N, reduce per
-    example.  is_target has the target's shape."""
+    """input and target [N, C], or one row: [C] or [] (C = 1), whose
+    unreduced loss is a scalar.  Fold the batch into N, reduce per example.
+    is_target has the target's shape."""
     op = aten.multilabel_margin_loss_forward.default
     x_rank = logical_rank(x, bdims[0])
-    if x_rank not in (1, 2) or logical_rank(target, bdims[1]) != x_rank:
+    if x_rank > 2 or logical_rank(target, bdims[1]) != x_rank:
         raise_as_eager(op, bdims, (x, target, reduction))
     batch = batch_size((x, target), bdims)
     x = _materialize(x, bdims[0], batch)
     target = _materialize(target, bdims[1], batch)
-    if x_rank == 2:
-        loss, is_target = op(x.flatten(0, 1), target.flatten(0, 1), _NONE)
-        loss, is_target = loss.unflatten(0, (batch, -1)), is_target.unflatten(0, (batch, -1))
-    else:
-        loss, is_target = op(x, target, _NONE)
+    shape = x.shape
+    if tuple(target.shape) != tuple(shape):
+        raise_as_eager(op, bdims, (x, target, reduction))
+    # [B, N, C] (a single row: [B, 1, C])
+    rows = (batch, -1, shape[-1] if x_rank > 0 else 1)
+    loss, is_target = op(x.reshape(rows).flatten(0, 1), target.reshape(rows).flatten(0, 1), _NONE)
+    loss, is_target = loss.view(batch, -1), is_target.view(shape)
+    if x_rank < 2:
+        loss = loss.view(batch)
     return (_reduce_per_example(loss, reduction), is_target), 0
 
 
@@ -343,12 +397,13 @@ _register_nll_loss(aten.nll_loss2d_forward.default, aten.nll_loss2d_backward.def
 # -- margin losses ------------------------------------------------------------------
 
 
-def _rows(x, target):
-    """[N, C] and [N] views of a margin loss's input and target (a [C]
-    input with a [] or [C] target is one row)."""
-    if x.dim() == 1:
-        return x.unsqueeze(0), target.unsqueeze(0)
-    return x, target
+def _rows(x, target, *, per_class: bool):
+    """[N, C] view of a margin loss's input, with its target as [N]
+    (multi_margin_loss) or, ``per_class``, [N, C] (multilabel_margin_loss).
+    A [C] or [] input is one row (C = 1)."""
+    if x.dim() < 2:
+        x = x.reshape(1, -1)
+    return x, target.reshape(x.shape if per_class else (-1,))
 
 
 def _one_hot(index, classes, like):
@@ -399,7 +454,7 @@ def _multilabel_margin_row_gradients(x, y, is_target):
 @register_vjp(aten.multi_margin_loss.default)
 def multi_margin_loss_vjp(grad, self, target, needs, p=1, margin=1, weight=None, reduction=_MEAN):
     _no_class_weight_gradient(aten.multi_margin_loss.default, needs, 4)
-    x, y = _rows(self, target)
+    x, y = _rows(self, target, per_class=False)
     d = _multi_margin_row_gradients(x, y, p, margin, weight) * _per_row_cotangent(grad, x.shape[0], reduction)
     return (d.reshape(self.shape),)
 
@@ -408,7 +463,7 @@ def multi_margin_loss_vjp(grad, self, target, needs, p=1, margin=1, weight=None,
 def multilabel_margin_loss_vjp(grad, self, target, reduction, result):
     if grad[0] is None:
         return (None,)
-    x, y = _rows(self, target)
+    x, y = _rows(self, target, per_class=True)
     scale = _per_row_cotangent(grad[0], x.shape[0], reduction)  # [N, 1] or scalar
     return ((_multilabel_margin_row_gradients(x, y, result[1]) * scale).reshape(self.shape),)
 
@@ -473,11 +528,44 @@ def _row_tangents(gradients, self_t, reduction, like):
 @register_jvp(aten.multi_margin_loss.default)
 def multi_margin_loss_jvp(self, self_t, weight_t, target, result, p=1, margin=1, weight=None, reduction=_MEAN):
     _no_class_weight_gradient(aten.multi_margin_loss.default, (False,) * 4 + (weight_t is not None,), 4, "jvp")
-    x, y = _rows(self, target)
+    x, y = _rows(self, target, per_class=False)
     return _row_tangents(_multi_margin_row_gradients(x, y, p, margin, weight), self_t, reduction, result)
 
 
 @register_jvp(aten.multilabel_margin_loss_forward.default)
 def multilabel_margin_loss_jvp(self, self_t, target, reduction, result):
-    x, y = _rows(self, target)
+    x, y = _rows(self, target, per_class=True)
     return _row_tangents(_multilabel_margin_row_gradients(x, y, result[1]), self_t, reduction, result[0]), None
+
+
+# -- ctc_loss -------------------------------------------------------------------
+# derivatives.yaml: the backward kernel, from the saved negative
+# log-likelihood and alphas.  torch has no derivative of that kernel, so
+# second order raises (as a missing rule) like torch.autograd.
+
+
+@register_vjp(aten._ctc_loss.default, *overloads(aten._ctc_loss, "Tensor"))
+def ctc_loss_vjp(grad, op, log_probs, targets, input_lengths, target_lengths, result, blank=0, zero_infinity=False):
+    if grad[0] is None:
+        return (None,)
+    backward = aten._ctc_loss_backward.Tensor if op is getattr(aten._ctc_loss, "Tensor", None) else aten._ctc_loss_backward.default
+    return (backward(grad[0], log_probs, targets, input_lengths, target_lengths, result[0], result[1], blank,
+                     zero_infinity),)
+
+
+@register_jvp(aten._ctc_loss.default, *overloads(aten._ctc_loss, "Tensor"))
+def ctc_loss_jvp(op, log_probs, log_probs_t, targets, input_lengths, target_lengths, result, blank=0,
+                 zero_infinity=False):
+    """Each example's loss depends on its own [T, C] slice of log_probs
+    only: its tangent is the inner product of that slice's gradient (the
+    backward kernel with unit cotangents) with the slice's tangent.  (torch
+    has no forward formula.)  log_alpha, an internal output saved for the
+    backward kernel, gets no tangent."""
+    if log_probs_t is None:
+        return None, None
+    backward = aten._ctc_loss_backward.Tensor if op is getattr(aten._ctc_loss, "Tensor", None) else aten._ctc_loss_backward.default
+    loss, log_alpha = result
+    gradient = backward(torch.ones_like(loss), log_probs, targets, input_lengths, target_lengths, loss, log_alpha,
+                        blank, zero_infinity)
+    products = gradient * log_probs_t  # [T, N, C] or [T, C]
+    return products.sum((0, 2)) if products.dim() == 3 else products.sum(), None

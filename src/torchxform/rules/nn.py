@@ -120,6 +120,87 @@ def affine_grid_batch(bdims, theta, size, align_corners):
     return _unfold(op(folded, [size[0] * batch, *size[1:]], align_corners), out_bdim, batch), out_bdim
 
 
+def _grid_sampler_3d(a, grid, interpolation_mode, padding_mode, align_corners):
+    """grid_sampler_3d in differentiable ops (trilinear or nearest; zeros,
+    border or reflection padding), as torch._decomp writes the 2-d one:
+    input [N, C, D, H, W], grid [N, Do, Ho, Wo, 3] of (x, y, z)."""
+    n, c, depth, height, width = a.shape
+
+    def unnormalize(coords, size):
+        scale = (size - 1) / 2 if align_corners else size / 2
+        return coords * scale + (size - 1) / 2
+
+    def reflect(coords, twice_low, twice_high):
+        if twice_low == twice_high:
+            return torch.zeros_like(coords)
+        low, span = twice_low / 2, (twice_high - twice_low) / 2
+        distance = (coords - low).abs()
+        extra = torch.fmod(distance, span)
+        flips = (distance / span).floor()
+        return torch.where(torch.remainder(flips, 2) == 0, extra + low, span + low - extra)
+
+    def source_index(coords, size):
+        coords = unnormalize(coords, size)
+        if padding_mode == 1:
+            return coords.clamp(0, size - 1)
+        if padding_mode == 2:
+            bounds = (0, 2 * (size - 1)) if align_corners else (-1, 2 * size - 1)
+            return reflect(coords, *bounds).clamp(0, size - 1)
+        return coords
+
+    batch_index = torch.arange(n, device=a.device).view(n, 1, 1, 1, 1)
+    channel_index = torch.arange(c, device=a.device).view(1, c, 1, 1, 1)
+
+    def corner(ix, iy, iz, weight):
+        inside = (ix >= 0) & (ix < width) & (iy >= 0) & (iy < height) & (iz >= 0) & (iz < depth)
+        ix, iy, iz = (torch.where(inside, t, 0).long().unsqueeze(1) for t in (ix, iy, iz))
+        weight = torch.where(inside, weight, 0).unsqueeze(1)
+        return a[batch_index, channel_index, iz, iy, ix] * weight
+
+    x = source_index(grid[..., 0], width)
+    y = source_index(grid[..., 1], height)
+    z = source_index(grid[..., 2], depth)
+    if interpolation_mode == 1:  # nearest
+        return corner(x.round(), y.round(), z.round(), torch.ones_like(x))
+    if interpolation_mode != 0:
+        raise RuntimeError("grid_sampler(): bicubic interpolation only supports 4D input")
+    x0, y0, z0 = x.floor(), y.floor(), z.floor()
+    total = None
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                wx = (x - x0) if dx else (x0 + 1 - x)
+                wy = (y - y0) if dy else (y0 + 1 - y)
+                wz = (z - z0) if dz else (z0 + 1 - z)
+                term = corner(x0 + dx, y0 + dy, z0 + dz, wx * wy * wz)
+                total = term if total is None else total + term
+    return total
+
+
+def _decomposed_grid_sampler_3d_vjp(*options):
+    """(grad_output, input, grid) -> grid_sampler_3d's (grad_input,
+    grad_grid), by this library's vjp of :func:`_grid_sampler_3d`."""
+    from ..transforms.reverse import vjp
+
+    def first_order(grad_output, input, grid):
+        return vjp(lambda x, g: _grid_sampler_3d(x, g, *options), input, grid)[1](grad_output)
+
+    return first_order
+
+
+@register_vjp(aten.grid_sampler_3d_backward.default)
+def grid_sampler_3d_backward_vjp(grad, grad_output, input, grid, interpolation_mode, padding_mode, align_corners):
+    """Second order, as grid_sampler_2d_backward's: the VJP of the
+    first-order VJP of :func:`_grid_sampler_3d` (the function the kernel
+    computes), taken by this library's own vjp."""
+    from ..transforms.reverse import vjp
+
+    first_order = _decomposed_grid_sampler_3d_vjp(interpolation_mode, padding_mode, align_corners)
+    cotangents = tuple(torch.zeros_like(like) if g is None else g for g, like in zip(grad, (input, grid)))
+    _, pullback = vjp(first_order, grad_output, input, grid)
+    return pullback(cotangents)
+
+
 # -- activations with parameters ----------------------------------------------------
 
 @register_batching(aten._prelu_kernel.default)
@@ -546,9 +627,9 @@ def grid_sampler_jvp(op, input, grid, input_t, grid_t, interpolation_mode, paddi
     return out
 
 
-@register_jvp(aten.grid_sampler_2d_backward.default)
-def grid_sampler_2d_backward_jvp(grad_output, input, grid, grad_output_t, input_t, grid_t, interpolation_mode,
-                                 padding_mode, align_corners, output_mask):
+@register_jvp(aten.grid_sampler_2d_backward.default, aten.grid_sampler_3d_backward.default)
+def grid_sampler_backward_jvp(op, grad_output, input, grid, grad_output_t, input_t, grid_t, interpolation_mode,
+                              padding_mode, align_corners, output_mask):
     """Linear in grad_output (both outputs); grad_grid is linear in the input
     too (grad_input does not depend on it).  The grid's tangent goes through
     the sampling's curvature: this library's jvp of the decomposed first
@@ -556,14 +637,17 @@ def grid_sampler_2d_backward_jvp(grad_output, input, grid, grad_output_t, input_
     from ..transforms.forward import jvp
 
     options = (interpolation_mode, padding_mode, align_corners)
-    backward = aten.grid_sampler_2d_backward.default
+    backward = op
     grads = [None, None]
     if grad_output_t is not None:
         grads = list(backward(grad_output_t, input, grid, *options, output_mask))
     if input_t is not None and output_mask[1]:
         grads[1] = _add(grads[1], backward(grad_output, input_t, grid, *options, [False, True])[1])
     if grid_t is not None:
-        first_order = _decomposed_grid_sampler_2d_vjp(*options)
+        if op is aten.grid_sampler_2d_backward.default:
+            first_order = _decomposed_grid_sampler_2d_vjp(*options)
+        else:
+            first_order = _decomposed_grid_sampler_3d_vjp(*options)
         _, curvature = jvp(lambda g: first_order(grad_output, input, g), (grid,), (grid_t,))
         grads = [_add(g, term) if wanted else g for g, term, wanted in zip(grads, curvature, output_mask)]
     return tuple(grads)

@@ -10,10 +10,9 @@ per-channel statistics in one call.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from .._core.tracer import Tracer
 from .._core.registry import register_batching, register_batching_each, register_jvp, register_vjp
 from ._batching import batch_size, front_padded, logical_rank, move_bdim_to_front, raise_as_eager
 from .pooling import _add, _channels_to_front, _fold, _like_input, _materialize, _unfold
@@ -67,14 +66,17 @@ def _split_affine(weight, w_bdim, bias, b_bdim):
 # -- batch norm -------------------------------------------------------------------
 
 
-def batch_norm_batch(op, bdims, *args, stats, training_at, updates_stats):
+def batch_norm_batch(op, bdims, *args, stats, training_at, updates_stats, training=False, opaque=()):
     """Every batch-norm variant: ``args`` start (input, weight, bias); running
     statistics sit at positions ``stats``; ``training_at`` is the position
-    of the training flag (None: always eval); ``updates_stats`` says the op
-    writes the running statistics in place."""
+    of the training flag (None: the op always runs as ``training`` says);
+    ``updates_stats`` says the op writes the running statistics in place.
+    Outputs at positions ``opaque`` (``_batch_norm_with_update``'s cuDNN
+    reserve buffer) pass through unbatched."""
     x, weight, bias = args[0], args[1], args[2]
     x_bdim, w_bdim, b_bdim = bdims[0], bdims[1], bdims[2]
-    training = args[training_at] if training_at is not None else False
+    if training_at is not None:
+        training = args[training_at]
     rank = logical_rank(x, x_bdim)
     if rank < 2:
         raise_as_eager(op, bdims, args)
@@ -114,8 +116,8 @@ def batch_norm_batch(op, bdims, *args, stats, training_at, updates_stats):
                 front.copy_(args[i].view(front.shape))
     outs = [results[0].unflatten(1, (batch, -1))]
     out_bdims = [1]
-    for r in results[1:]:
-        if r.numel() == 0:  # eval-mode save_mean / save_invstd are empty
+    for i, r in enumerate(results[1:], 1):
+        if r.numel() == 0 or i in opaque:  # eval-mode save_mean / save_invstd are empty
             outs.append(r)
             out_bdims.append(None)
         else:
@@ -125,15 +127,19 @@ def batch_norm_batch(op, bdims, *args, stats, training_at, updates_stats):
 
 
 _BATCH_NORMS = [
-    # (op, running-stat positions, training-flag position, updates stats in place)
+    # (op, running-stat positions, training-flag position or the fixed mode, updates stats in place)
     (aten.native_batch_norm.default, (3, 4), 5, True),
     (aten._native_batch_norm_legit.default, (3, 4), 5, True),
     (aten._native_batch_norm_legit.no_stats, (), 3, False),
-    (aten._native_batch_norm_legit_no_training.default, (3, 4), None, False),
+    (aten._native_batch_norm_legit_no_training.default, (3, 4), False, False),
     (aten._native_batch_norm_legit_functional.default, (3, 4), 5, False),
+    (aten._batch_norm_with_update.default, (3, 4), True, True),
+    (aten._batch_norm_no_update.default, (3, 4), False, False),
 ]
-for _op, _stats, _training_at, _updates in _BATCH_NORMS:
-    register_batching_each([_op], batch_norm_batch, stats=_stats, training_at=_training_at, updates_stats=_updates)
+for _op, _stats, _training, _updates in _BATCH_NORMS:
+    _mode = dict(training_at=None, training=_training) if type(_training) is bool else dict(training_at=_training)
+    _opaque = (3,) if len(_op._schema.returns) == 4 else ()  # the reserve buffer of *_update ops
+    register_batching_each([_op], batch_norm_batch, stats=_stats, updates_stats=_updates, opaque=_opaque, **_mode)
 
 
 # -- layer norm and group norm ------------------------------------------------------
@@ -189,22 +195,40 @@ def group_norm_batch(bdims, x, weight, bias, n, channels, hxw, group, eps):
 # and vmap run the kernels' torch._decomp decompositions (their coverage is
 # "decomposition"), which are ordinary differentiable ops.
 #
-# NOTE [Normalization statistics are differentiable outputs]
-# The saved mean and inverse standard deviation are outputs of the forward
-# op, and the backward kernel reads them.  One level up (second order) the
-# backward's decomposition sends cotangents into them, so the forward's VJP
-# must pass those on to the input (d mean = 1/M, d invstd = -invstd^3 (x -
-# mean) / M over the M elements of each group), or second derivatives would
-# miss every path through the statistics.
+# NOTE [Normalization statistics]
+# Batch norm and layer norm also return the mean and inverse standard
+# deviation they normalized with.  PyTorch (derivatives.yaml) gives those
+# outputs no derivative: their tangents are zero and cotangents sent to them
+# are dropped, and so they are here.  The backward kernels read them,
+# though, and differentiated again (forward-over-reverse, second order, a
+# JVP rule under another transform) the backward must see them as functions
+# of the input: when the input is a tracer of a lower level, the statistics
+# are recomputed from it (``_statistics``); on plain tensors the forward's
+# saved ones are used.  Group norm's statistics are differentiable outputs
+# in PyTorch (their cotangents reach the input: ``_plus_statistics``).
 # ==========================================================================
+
+
+def _statistics(input, mean, rstd, dims, eps):
+    """The statistics the forward saved (``mean``, ``rstd``), or, when
+    ``input`` is a lower level's tracer, the same recomputed from it over
+    ``dims`` (biased variance) in their shapes.  See NOTE [Normalization
+    statistics]."""
+    if not isinstance(input, Tracer) or input.numel() == 0:  # empty: nothing to recompute
+        return mean, rstd
+    x = input.to(mean.dtype)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    var, m = torch.var_mean(x, dims, correction=0, keepdim=True)
+    return m.to(mean.dtype).reshape(mean.shape), (var + eps).rsqrt().to(rstd.dtype).reshape(rstd.shape)
 
 
 def _plus_statistics(grads, grad, needs, input, result, count, stats_shape, grouped_shape=None):
     """``grads`` (the kernel's, for the output's cotangent) with the input
     cotangent of the statistics outputs added: d mean = 1/count, d invstd =
-    -invstd^3 (x - mean) / count.  See NOTE [Normalization statistics are
-    differentiable outputs].  Statistics are reshaped to ``stats_shape`` to
-    broadcast against the input (viewed as ``grouped_shape`` if given)."""
+    -invstd^3 (x - mean) / count (group norm; see NOTE [Normalization
+    statistics]).  Statistics are reshaped to ``stats_shape`` to broadcast
+    against the input (viewed as ``grouped_shape`` if given)."""
     _, grad_mean, grad_invstd = grad
     if not needs[0] or (grad_mean is None and grad_invstd is None):
         return grads
@@ -220,18 +244,23 @@ def _plus_statistics(grads, grad, needs, input, result, count, stats_shape, grou
     return (total if grads[0] is None else grads[0] + total,) + tuple(grads[1:])
 
 
+def _batch_norm_dims(input):
+    """Batch norm's reduction dims, and the shape that broadcasts its
+    per-channel vectors: [C] -> [1, C, 1, ...] against input [N, C, *S]."""
+    return (0,) + tuple(range(2, input.dim())), (1, -1) + (1,) * (input.dim() - 2)
+
+
 def _batch_norm_vjp(grad, input, weight, running_mean, running_var, result, training, eps, needs):
-    grads = (None, None, None)
-    if grad[0] is not None:
-        grads = aten.native_batch_norm_backward.default(
-            grad[0], input, weight, running_mean, running_var, result[1], result[2], training, eps,
-            [needs[0], needs[1], needs[2]],
-        )
-    if not training:  # eval mode: the statistics outputs are empty
-        return grads
-    # per-channel statistics: [C] -> [1, C, 1, ...] against input [N, C, *S]
-    count = input.numel() // max(input.shape[1], 1)
-    return _plus_statistics(grads, grad, needs, input, result, count, (1, -1) + (1,) * (input.dim() - 2))
+    # Cotangents of the statistics outputs are dropped: see NOTE [Normalization statistics]
+    if grad[0] is None:
+        return (None, None, None)
+    mean, invstd = result[1], result[2]
+    if training:
+        mean, invstd = _statistics(input, mean, invstd, _batch_norm_dims(input)[0], eps)
+    return aten.native_batch_norm_backward.default(
+        grad[0], input, weight, running_mean, running_var, mean, invstd, training, eps,
+        [needs[0], needs[1], needs[2]],
+    )
 
 
 @register_vjp(aten.native_batch_norm.default, aten._native_batch_norm_legit.default)
@@ -249,18 +278,29 @@ def batch_norm_no_training_vjp(grad, input, weight, running_mean, running_var, e
     return _batch_norm_vjp(grad, input, weight, running_mean, running_var, result, False, eps, needs)
 
 
+@register_vjp(aten._batch_norm_with_update.default)
+def batch_norm_with_update_vjp(grad, input, weight, running_mean, running_var, eps, result, needs):
+    return _batch_norm_vjp(grad, input, weight, running_mean, running_var, result, True, eps, needs)
+
+
+@register_vjp(aten._batch_norm_no_update.default)
+def batch_norm_no_update_vjp(grad, input, weight, running_mean, running_var, eps, result, needs):
+    return _batch_norm_vjp(grad, input, weight, running_mean, running_var, result, False, eps, needs)
+
+
 @register_vjp(aten.native_layer_norm.default)
-def layer_norm_vjp(grad, input, normalized_shape, weight, result, needs, inputs_meta):
-    grads = (None, None, None, None)
-    if grad[0] is not None:
-        bias_meta = inputs_meta[3]
-        bias = None if bias_meta is None else _like_input(grad[0], bias_meta)  # only its shape is read
-        g_input, g_weight, g_bias = aten.native_layer_norm_backward.default(
-            grad[0], input, normalized_shape, result[1], result[2], weight, bias, [needs[0], needs[2], needs[3]]
-        )
-        grads = (g_input, None, g_weight, g_bias)
-    # mean and rstd keep the normalized dims as size 1: they broadcast as they are
-    return _plus_statistics(grads, grad, needs, input, result, math.prod(normalized_shape), result[1].shape)
+def layer_norm_vjp(grad, input, normalized_shape, weight, eps, result, needs, inputs_meta):
+    # Cotangents of mean and rstd are dropped: see NOTE [Normalization statistics]
+    if grad[0] is None:
+        return (None, None, None, None)
+    bias_meta = inputs_meta[3]
+    bias = None if bias_meta is None else _like_input(grad[0], bias_meta)  # only its shape is read
+    dims = tuple(range(input.dim() - len(normalized_shape), input.dim()))
+    mean, rstd = _statistics(input, result[1], result[2], dims, eps)
+    g_input, g_weight, g_bias = aten.native_layer_norm_backward.default(
+        grad[0], input, normalized_shape, mean, rstd, weight, bias, [needs[0], needs[2], needs[3]]
+    )
+    return (g_input, None, g_weight, g_bias)
 
 
 @register_vjp(aten.native_group_norm.default)
@@ -277,10 +317,9 @@ def group_norm_vjp(grad, input, weight, N, C, HxW, group, result, needs):
 
 
 # -- JVPs ---------------------------------------------------------------------
-# derivatives.yaml's batch_norm_jvp, layer_norm_jvp and group_norm_jvp, with
-# tangents for the mean and inverse standard deviation outputs too (NOTE
-# [Normalization statistics are differentiable outputs]: the backward kernels
-# read them, so forward-over-reverse needs their tangents).
+# derivatives.yaml's batch_norm_jvp, layer_norm_jvp and group_norm_jvp.  The
+# statistics outputs of batch norm and layer norm get no tangent; group
+# norm's do (NOTE [Normalization statistics]).
 
 
 def _normalization_jvp(x, x_t, mean, rstd, dims, weight, weight_t, bias_t, param_shape, out_shape, statistics=True):
@@ -320,19 +359,16 @@ def _normalization_jvp(x, x_t, mean, rstd, dims, weight, weight_t, bias_t, param
 
 
 def _batch_norm_jvp(input, input_t, weight, weight_t, bias_t, running_mean, running_var, result, training, eps):
-    # per-channel statistics and parameters: [C] -> [1, C, 1, ...] against input [N, C, *S]
-    shape = (1, -1) + (1,) * (input.dim() - 2)
-    dims = (0,) + tuple(range(2, input.dim()))
+    dims, shape = _batch_norm_dims(input)
     if training:
-        mean, rstd = result[1].view(shape), result[2].view(shape)
+        mean, rstd = _statistics(input, result[1], result[2], dims, eps)
+        mean, rstd = mean.view(shape), rstd.view(shape)
     else:  # eval mode: the running statistics, constants; the statistics outputs are empty
         mean, rstd = running_mean.view(shape), (running_var + eps).rsqrt().view(shape)
-    out_t, mean_t, rstd_t = _normalization_jvp(
+    out_t, _, _ = _normalization_jvp(
         input, input_t, mean, rstd, dims, weight, weight_t, bias_t, shape, input.shape, statistics=training
     )
-    if mean_t is None:
-        return out_t, None, None
-    return out_t, mean_t.view(-1), rstd_t.view(-1)
+    return out_t, None, None
 
 
 @register_jvp(aten.native_batch_norm.default, aten._native_batch_norm_legit.default)
@@ -350,13 +386,25 @@ def batch_norm_no_training_jvp(input, input_t, weight, weight_t, bias_t, running
     return _batch_norm_jvp(input, input_t, weight, weight_t, bias_t, running_mean, running_var, result, False, eps)
 
 
+@register_jvp(aten._batch_norm_with_update.default)
+def batch_norm_with_update_jvp(input, input_t, weight, weight_t, bias_t, running_mean, running_var, eps, result):
+    return _batch_norm_jvp(input, input_t, weight, weight_t, bias_t, running_mean, running_var, result, True, eps) + (None,)
+
+
+@register_jvp(aten._batch_norm_no_update.default)
+def batch_norm_no_update_jvp(input, input_t, weight, weight_t, bias_t, running_mean, running_var, eps, result):
+    return _batch_norm_jvp(input, input_t, weight, weight_t, bias_t, running_mean, running_var, result, False, eps) + (None,)
+
+
 @register_jvp(aten.native_layer_norm.default)
-def layer_norm_jvp(input, input_t, normalized_shape, weight, weight_t, bias_t, result):
+def layer_norm_jvp(input, input_t, normalized_shape, weight, weight_t, bias_t, eps, result):
     # statistics over the trailing dims, kept as size 1: they broadcast as they are
     dims = tuple(range(input.dim() - len(normalized_shape), input.dim()))
-    return _normalization_jvp(
-        input, input_t, result[1], result[2], dims, weight, weight_t, bias_t, tuple(normalized_shape), input.shape
+    mean, rstd = _statistics(input, result[1], result[2], dims, eps)
+    out_t, _, _ = _normalization_jvp(
+        input, input_t, mean, rstd, dims, weight, weight_t, bias_t, tuple(normalized_shape), input.shape
     )
+    return out_t, None, None
 
 
 @register_jvp(aten.native_group_norm.default)

@@ -138,6 +138,8 @@ register_fold([aten.max_pool2d_with_indices_backward.default], 2, tensors=(1, 0,
 register_fold([aten.max_pool3d_with_indices_backward.default], 3, tensors=(1, 0, 7))
 register_fold([aten.adaptive_max_pool2d_backward.default], 2, tensors=(1, 0, 2))
 register_fold([aten.adaptive_max_pool3d_backward.default], 3, tensors=(1, 0, 2))
+register_fold([aten.fractional_max_pool2d_backward.default], 2, tensors=(1, 0, 4))
+register_fold([aten.fractional_max_pool3d_backward.default], 3, tensors=(1, 0, 4))
 
 
 # ==========================================================================
@@ -171,6 +173,8 @@ _BACKWARD = {
     aten.avg_pool3d.default: (aten.avg_pool3d_backward.default, 3),
     aten._adaptive_avg_pool2d.default: (aten._adaptive_avg_pool2d_backward.default, 2),
     aten._adaptive_avg_pool3d.default: (aten._adaptive_avg_pool3d_backward.default, 3),
+    aten.fractional_max_pool2d.default: (aten.fractional_max_pool2d_backward.default, 2),
+    aten.fractional_max_pool3d.default: (aten.fractional_max_pool3d_backward.default, 3),
 }
 # backward op -> (its forward op, spatial dims)
 _FORWARD = {backward: (forward, spatial) for forward, (backward, spatial) in _BACKWARD.items()}
@@ -192,11 +196,22 @@ def adaptive_max_pool_vjp(grad, op, inputs_meta, result):
     return (_BACKWARD[op][0](grad[0], _like_input(grad[0], inputs_meta[0]), result[1]),)
 
 
+@register_vjp(aten.fractional_max_pool2d.default, aten.fractional_max_pool3d.default)
+def fractional_max_pool_vjp(grad, op, inputs_meta, kernel_size, output_size, result):
+    """random_samples only chose the windows: it gets no gradient."""
+    if grad[0] is None:
+        return (None,)
+    like = _like_input(grad[0], inputs_meta[0])
+    return (_BACKWARD[op][0](grad[0], like, kernel_size, output_size, result[1]),)
+
+
 @register_vjp(
     aten.max_pool2d_with_indices_backward.default,
     aten.max_pool3d_with_indices_backward.default,
     aten.adaptive_max_pool2d_backward.default,
     aten.adaptive_max_pool3d_backward.default,
+    aten.fractional_max_pool2d_backward.default,
+    aten.fractional_max_pool3d_backward.default,
 )
 def max_pool_backward_vjp(grad, op, indices):
     return (_gather_at(grad, indices, _FORWARD[op][1]),)
@@ -257,4 +272,6 @@ register_jvp(*_FORWARD)(linear_in_first_jvp)  # every backward kernel: linear in
 def max_pool_jvp(op, self_t, result):
     """The tangent read at the argmax indices (derivatives.yaml: a gather
     of self_t at result1); the indices have none."""
+    if self_t is None:  # e.g. only fractional max pooling's random_samples carry one
+        return None, None
     return _gather_at(self_t, result[1], _BACKWARD[op][1]), None

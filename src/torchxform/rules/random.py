@@ -547,8 +547,8 @@ register_batching_each(_random_out_variants(), out_variant_batch)
 
 # ==========================================================================
 # Derivatives.  Most draws do not depend differentiably on their inputs
-# (derivatives.yaml gives them zero gradients); dropout, rrelu and normal
-# with tensor parameters do.
+# (derivatives.yaml gives them zero gradients, normal(mean, std) with tensor
+# parameters included: no reparameterization gradient); dropout and rrelu do.
 # ==========================================================================
 
 
@@ -571,31 +571,12 @@ def rrelu_with_noise_vjp(grad, self, noise, lower=0.125, upper=1.0 / 3, training
     return (grad * torch.where(self > 0, 1.0, (lower + upper) / 2),)
 
 
-@register_vjp(aten.normal.Tensor_float, *overloads(aten.normal, "Tensor_float_generator"))
-def normal_mean_vjp(grad, inputs_meta):
-    return (grad.sum_to_size(inputs_meta[0][0]),)
-
-
-@register_vjp(aten.normal.float_Tensor, *overloads(aten.normal, "float_Tensor_generator"))
-def normal_std_vjp(grad, mean, std, result):
-    return (None, grad * (result - mean) / std)
-
-
-@register_vjp(aten.normal.Tensor_Tensor, *overloads(aten.normal, "Tensor_Tensor_generator"))
-def normal_mean_std_vjp(grad, inputs_meta, mean, std, result):
-    return (grad.sum_to_size(inputs_meta[0][0]), (grad * (result - mean) / std).sum_to_size(inputs_meta[1][0]))
-
-
 def _zero_derivative_random_ops():
     differentiable = {
         aten.native_dropout.default,
         aten.rrelu_with_noise.default,
         *overloads(aten.rrelu_with_noise_, "default"),
         *overloads(aten.rrelu_with_noise_functional, "default"),
-        aten.normal.Tensor_float,
-        aten.normal.float_Tensor,
-        aten.normal.Tensor_Tensor,
-        *overloads(aten.normal, "Tensor_float_generator", "float_Tensor_generator", "Tensor_Tensor_generator"),
         *overloads(aten._standard_gamma, "default"),
         *overloads(aten._sample_dirichlet, "default"),
     }

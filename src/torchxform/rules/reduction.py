@@ -19,9 +19,24 @@ import math
 
 import torch
 
-from .._core.registry import overloads, register_batching_each, register_jvp, register_vjp
+from .._core.registry import (
+    overloads,
+    register_batching,
+    register_batching_each,
+    register_decomposition,
+    register_jvp,
+    register_vjp,
+)
 from ._derivatives import linear_jvp
-from ._batching import move_bdim_to_front, with_eager_errors, wrap_dim  # See NOTE [Errors as eager raises them]
+from ._batching import (  # See NOTE [Errors as eager raises them]
+    InvalidArguments,
+    logical_rank,
+    materialize,
+    move_bdim_to_front,
+    with_eager_errors,
+    wrap_dim,
+)
+from .elementwise import reduce_to
 
 aten = torch.ops.aten
 
@@ -339,6 +354,88 @@ def renorm_batch(op, bdims, x, p, dim, maxnorm):
 _register([aten.renorm.default], renorm_batch)
 
 
+def pdist_batch(op, bdims, x, p=2):
+    """Distances between the rows of each example: cdist of the example with
+    itself (mode 2: no matrix-product shortcut for p = 2, as pdist takes
+    none), then its upper triangle, row-major as pdist lists the pairs.
+    # [B, N, M] -> cdist [B, N, N] -> [B, N(N-1)/2]"""
+    x = move_bdim_to_front(x, bdims[0])
+    if x.dim() != 3 or p < 0:
+        raise InvalidArguments
+    n = x.shape[1]
+    i, j = torch.triu_indices(n, n, 1, device=x.device)
+    return aten._cdist_forward.default(x, x, p, 2)[:, i, j], 0
+
+
+_register([aten._pdist_forward.default], pdist_batch)
+
+
+# -- segment_reduce ------------------------------------------------------------
+# Segments along ``axis``; lengths / offsets (keyword-only, possibly batched)
+# have data's dims before ``axis`` in front of their segment dim.  The batch
+# goes in front of all of them, so the kernel reduces every example's
+# segments in one call.
+# data [B, 5, 2], axis 0, lengths [4] -> data [B, 5, 2], axis 1, lengths [B, 4]
+
+
+def _segment_batched(op, bdims, tensors, reduce, kwargs, kwarg_bdims):
+    """Call ``op(*tensors, reduce, **kwargs)`` with the batch in front of the
+    tensors (same logical shape as data) and of lengths / offsets."""
+    kwarg_bdims = kwarg_bdims or {}
+    tensor_bdims = bdims[: len(tensors)]
+    first = next((t.shape[b] for t, b in zip(tensors, tensor_bdims) if b is not None), None)
+    batch = first if first is not None else next(kwargs[k].shape[b] for k, b in kwarg_bdims.items())
+    data_bdim = tensor_bdims[-1]
+    axis = wrap_dim(kwargs.get("axis", 0), logical_rank(tensors[-1], data_bdim))
+    physical = dict(kwargs, axis=axis + 1)
+    for name in ("lengths", "offsets"):
+        if physical.get(name) is not None:
+            physical[name] = materialize(physical[name], kwarg_bdims.get(name), batch)
+    try:
+        return op(*(materialize(t, b, batch) for t, b in zip(tensors, tensor_bdims)), reduce, **physical), 0
+    except Exception as error:  # See NOTE [Errors as eager raises them]
+        example = {k: (v.select(kwarg_bdims[k], 0) if k in kwarg_bdims else v) for k, v in kwargs.items()}
+        if batch:
+            op(*(t if b is None else t.select(b, 0) for t, b in zip(tensors, tensor_bdims)), reduce, **example)
+        raise error
+
+
+@register_batching(aten.segment_reduce.default, batched_kwargs=True)
+def segment_reduce_batch(bdims, data, reduce, *, kwarg_bdims=None, **kwargs):
+    return _segment_batched(aten.segment_reduce.default, bdims, (data,), reduce, kwargs, kwarg_bdims)
+
+
+@register_batching(aten._segment_reduce_backward.default, batched_kwargs=True)
+def segment_reduce_backward_batch(bdims, grad, output, data, reduce, *, kwarg_bdims=None, **kwargs):
+    return _segment_batched(
+        aten._segment_reduce_backward.default, bdims, (grad, output, data), reduce, kwargs, kwarg_bdims
+    )
+
+
+@register_decomposition(aten.block_diag.default)
+def block_diag_decomposition(tensors):
+    """Each block (0-d: 1 x 1, 1-d: one row) padded with zeros to the full
+    width, the rows concatenated: one construction every transform runs (the
+    batch of vmap rides in front; its VJP slices the blocks back out, to any
+    order).  (Here for want of a family of matrix constructions.)
+    # [2, 3], [1, 2] -> pad [2, 3 + 2], [1, 3 + 2] -> cat rows: [3, 5]"""
+    blocks = []
+    for k, t in enumerate(tensors):
+        if t.dim() > 2:
+            raise RuntimeError(
+                f"torch.block_diag: Input tensors must have 2 or fewer dimensions. Input {k} has {t.dim()} dimensions"
+            )
+        blocks.append(t.reshape(1, 1) if t.dim() == 0 else t.reshape(1, -1) if t.dim() == 1 else t)
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    width = sum(b.shape[1] for b in blocks)
+    rows, left = [], 0
+    for b in blocks:
+        right = width - left - b.shape[1]
+        rows.append(aten.constant_pad_nd.default(b.to(dtype), [left, right], 0))
+        left += b.shape[1]
+    return aten.cat.default(rows, 0)
+
+
 # ==========================================================================
 # Derivatives (formulas from derivatives.yaml, written with torch ops so
 # that they compose with every transform).
@@ -557,14 +654,19 @@ def _norm_vjp(grad, self, result, p, dim, keepdim):
         return None
     if p == 1.0:
         return g * self.sgn()
+    # The zero-norm mask applies to the factor, not to the product with g:
+    # the derivative in g stays 0 there (second order), as torch's.
     if p == 2.0:
-        return torch.where(norm == 0, 0.0, g * self / norm)
+        return g * torch.where(norm == 0, 0.0, self / norm)
     if math.isinf(p):
         mask = (self.abs() == norm).to(g.dtype)
         counts = mask.sum(_reduced_dims(dim, self.dim()), keepdim=True) if self.dim() else mask
         return g * self.sgn() * mask / counts
-    scaled = self * self.abs().pow(p - 2) / norm.pow(p - 1)
-    return torch.where(norm == 0, 0.0, g * scaled)
+    if p < 1.0:
+        scaled = torch.where(self == 0, 0.0, self.sgn() * self.abs().pow(p - 1))
+        return scaled * g * norm.pow(1 - p)
+    scaled = self.sgn() * self.abs().pow(p - 1) if p < 2.0 else self * self.abs().pow(p - 2)
+    return scaled * torch.where(norm == 0, 0.0, g / norm.pow(p - 1))
 
 
 @register_vjp(aten.linalg_vector_norm.default)
@@ -580,6 +682,127 @@ def norm_dim_vjp(grad, self, result, p, dim, keepdim=False):
 @register_vjp(aten.norm.Scalar, aten.norm.ScalarOpt_dtype)
 def norm_all_vjp(grad, self, result, p=2):
     return (_norm_vjp(grad, self, result, p, None, False),)
+
+
+def _renorm_parts(self, p, dim, maxnorm):
+    """renorm's norm of each slice along ``dim`` (over every other dim,
+    kept), where it exceeds ``maxnorm``, and the scale maxnorm / (norm +
+    1e-7) the kernel applies there."""
+    d = wrap_dim(dim, self.dim())
+    dims = [i for i in range(self.dim()) if i != d]
+    norm = torch.linalg.vector_norm(self, p, dims, keepdim=True)
+    return dims, norm, norm > maxnorm, maxnorm / (norm + 1e-7)
+
+
+@register_vjp(aten.renorm.default)
+def renorm_vjp(grad, self, p, dim, maxnorm):
+    """derivatives.yaml's renorm_backward: where a slice is rescaled,
+    d(x * maxnorm / (|x| + eps)) = factor dx - x factor / (|x| + eps) d|x|."""
+    dims, norm, over, factor = _renorm_parts(self, p, dim, maxnorm)
+    inner = self.conj() * grad
+    inner = (inner.real if inner.is_complex() else inner).sum(dims, keepdim=True)
+    through_norm = _norm_vjp(inner, self, norm, p, dims, True)
+    scaled = factor * grad
+    if through_norm is not None:  # p = 0: the count of nonzeros is piecewise constant
+        scaled = scaled - factor / (norm + 1e-7) * through_norm
+    return (torch.where(over, scaled, grad),)
+
+
+@register_jvp(aten.renorm.default)
+def renorm_jvp(self, self_t, p, dim, maxnorm):
+    dims, norm, over, factor = _renorm_parts(self, p, dim, maxnorm)
+    norm_t = _norm_jvp(self, self_t, norm, p, dims, True)
+    return torch.where(over, factor * self_t - self * (factor / (norm + 1e-7)) * norm_t, self_t)
+
+
+@register_vjp(aten.segment_reduce.default)
+def segment_reduce_vjp(grad, result, data, reduce, lengths=None, offsets=None, axis=0, initial=None):
+    """The backward kernel (as derivatives.yaml; it has no derivative of its
+    own, so neither has this one: second order names it missing)."""
+    return (
+        aten._segment_reduce_backward.default(
+            grad.contiguous(), result, data, reduce, lengths=lengths, offsets=offsets, axis=axis, initial=initial
+        ),
+    )
+
+
+# -- pairwise distances (cdist's batching rule is in fft.py) -------------------
+
+
+def _distance_partial(diff, dist, p):
+    """d dist / d diff for dist = ||diff||_p over the last dim (``dist``
+    broadcast against ``diff``), as the _cdist_backward / _pdist_backward
+    kernels define it: 0 where dist = 0 (and, for p < 1, where diff = 0);
+    for p = inf every coordinate attaining the max gets its full sign.  None
+    for p = 0 (a count of nonzeros: piecewise constant)."""
+    if p == 0:
+        return None
+    if p == 1:
+        return diff.sgn()
+    if math.isinf(p):
+        return diff.sgn() * (diff.abs() == dist).to(diff.dtype)
+    zero = dist == 0
+    if p < 1:
+        zero = zero | (diff == 0)
+    safe_dist = torch.where(dist == 0, 1.0, dist)  # the masked branch stays finite (second order)
+    if p == 2:
+        return torch.where(zero, 0.0, diff / safe_dist)
+    magnitude = diff.abs()
+    if p < 2:
+        safe = torch.where(magnitude == 0, 1.0, magnitude)
+        return torch.where(zero, 0.0, diff.sgn() * safe.pow(p - 1) / safe_dist.pow(p - 1))
+    return torch.where(zero, 0.0, diff * magnitude.pow(p - 2) / safe_dist.pow(p - 1))
+
+
+@register_vjp(aten._cdist_forward.default)
+def cdist_vjp(grad, x1, x2, p, result, needs, inputs_meta):
+    # x1 [..., P, M], x2 [..., R, M] -> diff [..., P, R, M]; batch dims broadcast
+    partial = _distance_partial(x1.unsqueeze(-2) - x2.unsqueeze(-3), result.unsqueeze(-1), p)
+    if partial is None:
+        return (None, None)
+    weighted = grad.unsqueeze(-1) * partial
+    return (
+        reduce_to(weighted.sum(-2), inputs_meta[0]) if needs[0] else None,
+        reduce_to(-weighted.sum(-3), inputs_meta[1]) if needs[1] else None,
+    )
+
+
+@register_jvp(aten._cdist_forward.default)
+def cdist_jvp(x1, x2, x1_t, x2_t, p, result):
+    partial = _distance_partial(x1.unsqueeze(-2) - x2.unsqueeze(-3), result.unsqueeze(-1), p)
+    if partial is None:
+        return torch.zeros_like(result)
+    if x1_t is None:
+        diff_t = -x2_t.unsqueeze(-3)
+    elif x2_t is None:
+        diff_t = x1_t.unsqueeze(-2)
+    else:
+        diff_t = x1_t.unsqueeze(-2) - x2_t.unsqueeze(-3)
+    return (partial * diff_t).sum(-1).expand(result.shape)
+
+
+def _pdist_pairs(self, p, result):
+    """The pairs (i < j, row-major) and d dist / d (x_i - x_j) for each."""
+    n = self.shape[0]
+    i, j = torch.triu_indices(n, n, 1, device=self.device)
+    return i, j, _distance_partial(self.index_select(0, i) - self.index_select(0, j), result.unsqueeze(-1), p)
+
+
+@register_vjp(aten._pdist_forward.default)
+def pdist_vjp(grad, self, p, result):
+    i, j, partial = _pdist_pairs(self, p, result)
+    if partial is None:
+        return (None,)
+    weighted = grad.unsqueeze(-1) * partial  # [K, M]
+    return (torch.zeros_like(self).index_add(0, i, weighted).index_add(0, j, -weighted),)
+
+
+@register_jvp(aten._pdist_forward.default)
+def pdist_jvp(self, self_t, p, result):
+    i, j, partial = _pdist_pairs(self, p, result)
+    if partial is None:
+        return torch.zeros_like(result)
+    return (partial * (self_t.index_select(0, i) - self_t.index_select(0, j))).sum(-1)
 
 
 @register_vjp(aten.cumsum.default, aten.cumsum_.default)
@@ -638,8 +861,16 @@ def logcumsumexp_vjp(grad, self, result, dim):
     return (pos - neg,)
 
 
+def _fused_softmax_backward(grad, result, meta):
+    """Whether the one-kernel backward op (autograd's choice) applies: real
+    floating values of one dtype, at least 1-d."""
+    return result.dim() > 0 and result.is_floating_point() and grad.dtype == result.dtype == meta[1]
+
+
 @register_vjp(aten._softmax.default, *overloads(aten._safe_softmax, "default"))
 def softmax_vjp(grad, inputs_meta, result, dim):
+    if _fused_softmax_backward(grad, result, inputs_meta[0]):
+        return (aten._softmax_backward_data.default(grad, result, dim, result.dtype),)
     g = grad * result
     out = g - result * g.sum(dim, keepdim=True) if result.dim() else g - result * g
     return (reduce_to_dtype(out, inputs_meta[0]),)
@@ -647,6 +878,8 @@ def softmax_vjp(grad, inputs_meta, result, dim):
 
 @register_vjp(aten._log_softmax.default)
 def log_softmax_vjp(grad, inputs_meta, result, dim):
+    if _fused_softmax_backward(grad, result, inputs_meta[0]):
+        return (aten._log_softmax_backward_data.default(grad, result, dim, result.dtype),)
     total = grad.sum(dim, keepdim=True) if result.dim() else grad
     return (reduce_to_dtype(grad - result.exp() * total, inputs_meta[0]),)
 
@@ -695,6 +928,32 @@ def log_softmax_jvp(self_t, result, dim):
     if result.dim() == 0:
         return self_t * 0
     return self_t - (result.exp() * self_t).sum(dim, keepdim=True)
+
+
+@register_jvp(aten._softmax_backward_data.default)
+def softmax_backward_data_jvp(grad_output, output, grad_output_t, output_t, dim, input_dtype):
+    """out = y * (g - sum(g * y)): linear in g; in y, dy * (g - sum(g y)) - y * sum(g dy)."""
+    tangent = None
+    if grad_output_t is not None:
+        tangent = aten._softmax_backward_data.default(grad_output_t, output, dim, input_dtype)
+    if output_t is not None:
+        moved = output_t * (grad_output - (grad_output * output).sum(dim, keepdim=True)) - output * (
+            grad_output * output_t
+        ).sum(dim, keepdim=True)
+        tangent = moved if tangent is None else tangent + moved
+    return tangent
+
+
+@register_jvp(aten._log_softmax_backward_data.default)
+def log_softmax_backward_data_jvp(grad_output, output, grad_output_t, output_t, dim, input_dtype):
+    """out = g - exp(y) * sum(g): linear in g; in y, -exp(y) dy * sum(g)."""
+    tangent = None
+    if grad_output_t is not None:
+        tangent = aten._log_softmax_backward_data.default(grad_output_t, output, dim, input_dtype)
+    if output_t is not None:
+        moved = -(output.exp() * output_t) * grad_output.sum(dim, keepdim=True)
+        tangent = moved if tangent is None else tangent + moved
+    return tangent
 
 
 @register_jvp(aten.logsumexp.default)
@@ -815,16 +1074,17 @@ def cumprod_jvp(self, self_t, dim):
 
 
 @register_jvp(aten.logcumsumexp.default)
-def logcumsumexp_jvp(self, self_t, result, dim):
-    """d out_j = sum_{k<=j} t_k exp(x_k - out_j): an n x n table along dim."""
-    if self.dim() == 0:
+def logcumsumexp_jvp(self, self_t, dim):
+    """d out_j = sum_{k<=j} t_k exp(x_k - out_j) = cumsum(t e)_j / cumsum(e)_j
+    with e = exp(x - max): derivatives.yaml's logcumsumexp_jvp, its 1e-13
+    guard on the denominator included (so values match torch.func's)."""
+    if self.dim() == 0 or self.numel() == 0:
         return self_t
-    dim = wrap_dim(dim, self.dim())
-    x, t, out = self.movedim(dim, -1), self_t.movedim(dim, -1), result.movedim(dim, -1)
-    n = x.shape[-1]
-    lower = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()  # [j, k]: k <= j
-    weights = torch.where(lower, (x.unsqueeze(-2) - out.unsqueeze(-1)).exp(), torch.zeros((), dtype=x.dtype))
-    return (weights * t.unsqueeze(-2)).sum(-1).movedim(-1, dim)
+    if self.is_complex():  # no max of complex numbers
+        scaled = self.exp()
+    else:
+        scaled = (self - self.amax(dim, keepdim=True)).exp()
+    return (scaled * self_t).cumsum(dim) / (scaled.cumsum(dim) + 1e-13)
 
 
 def _norm_jvp(self, self_t, result, p, dim, keepdim):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .._core.tracer import Tracer
 from .._core.registry import (
     BATCH_RULES,
     overloads,
@@ -20,7 +21,7 @@ from .._core.registry import (
     register_vjp,
 )
 from ._derivatives import linear_jvp
-from ._batching import front_padded, materialize, move_bdim_to_front, wrap_dim
+from ._batching import batch_size, front_padded, materialize, move_bdim_to_front, raise_as_eager, wrap_dim
 
 aten = torch.ops.aten
 
@@ -209,16 +210,136 @@ def diagonal_batch(bdims, x, offset=0, dim1=0, dim2=1):
 @register_batching(aten.unfold.default)
 def unfold_batch(bdims, x, dimension, size, step):
     bdim = bdims[0]
-    return x.unfold(_phys(wrap_dim(dimension, x.dim() - 1), bdim), size, step), bdim
+    rank = x.dim() - 1
+    dimension = wrap_dim(dimension, rank)
+    if rank == 0:
+        # A 0-dim tensor unfolds as a 1-element vector whose one window is
+        # squeezed away: the result is [size] (size 0 or 1).
+        # [B] -> [B, 1] -> [B, size]
+        if size > 1 or step <= 0:
+            raise_as_eager(aten.unfold.default, bdims, (x, dimension, size, step))
+        return move_bdim_to_front(x, bdim).unsqueeze(1).narrow(1, 0, size), 0
+    return x.unfold(_phys(dimension, bdim), size, step), bdim
+
+
+# NOTE [as_strided under vmap]
+# as_strided addresses an example's *storage*.  The semantics vmap gives it:
+# each example behaves as a tensor of its own whose storage holds its
+# elements, starting at storage offset 0 (a tracer reports offset 0, so
+# `storage_offset` is relative to the example).  With the batch in front:
+# - a plain physical tensor whose examples lie in disjoint chunks
+#   (`x.stride(0)` >= the span of one example, e.g. in_dims=0): example i's
+#   storage starts at its first element and its strides are the physical
+#   ones, which its tracer reports; the result is a view of x;
+# - otherwise (examples interleave, e.g. in_dims=-1; or the physical value
+#   is a lower level's tracer, whose reported strides need not describe how
+#   that level lays out its storage) each example's storage is its elements
+#   in their memory order, densely: a copy, read at the addressed positions
+#   (the result is then not a view of x).
+# A read past the end of an example's storage raises, as eager does for a
+# read past the end of a storage.
+
+
+def _span(sizes, strides) -> int:
+    """Elements from the first to the last one addressed, inclusive (0 when
+    there are none)."""
+    if any(n == 0 for n in sizes):
+        return 0
+    return 1 + sum((n - 1) * abs(st) for n, st in zip(sizes, strides))
+
+
+def _memory_order(xf: torch.Tensor) -> list[int]:
+    """The logical dims of front-batched ``xf``, outermost in memory first."""
+    strides = xf.stride()[1:]
+    return sorted(range(len(strides)), key=lambda d: -strides[d])
+
+
+def _check_bounds(op, size, stride, offset, storage_size):
+    if _span(size, stride) > 0 and offset + _span(size, stride) > storage_size:
+        raise RuntimeError(
+            f"vmap: {op}(size={list(size)}, stride={list(stride)}, storage_offset={offset}) reaches "
+            f"element {offset + _span(size, stride) - 1} of each example's storage, which holds "
+            f"{storage_size} elements: out of bounds (each example is addressed as a tensor of its "
+            f"own; see NOTE [as_strided under vmap])"
+        )
+
+
+def _positions(size, stride, offset, device) -> torch.Tensor:
+    """Storage positions that as_strided(size, stride, offset) addresses,
+    flattened: offset + sum_d arange(size[d]) * stride[d]."""
+    index = torch.full((), offset, dtype=torch.long, device=device)
+    for d, (n, st) in enumerate(zip(size, stride)):
+        shape = [1] * len(size)
+        shape[d] = n
+        index = index + (torch.arange(n, device=device) * st).view(shape)
+    return index.expand(tuple(size)).reshape(-1)
+
+
+def _flat_storage(xf: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Each example of front-batched ``xf`` as its dense storage, [B, N]:
+    its elements in memory order.  Also the order (for putting back)."""
+    order = _memory_order(xf)
+    return xf.permute([0] + [d + 1 for d in order]).reshape(xf.shape[0], -1), order
+
+
+def _is_chunked(xf: torch.Tensor) -> bool:
+    if isinstance(xf, Tracer):
+        return False
+    return xf.shape[0] <= 1 or (xf.stride(0) > 0 and xf.stride(0) >= _span(xf.shape[1:], xf.stride()[1:]))
 
 
 @register_batching(aten.as_strided.default)
 def as_strided_batch(bdims, x, size, stride, storage_offset=None):
-    """Each example is addressed relative to where its own elements start:
-    a tracer reports storage offset 0, so logical offsets are relative."""
-    x = move_bdim_to_front(x, bdims[0])
-    offset = x.storage_offset() + (storage_offset or 0)
-    return x.as_strided((x.shape[0],) + tuple(size), (x.stride(0),) + tuple(stride), offset), 0
+    """See NOTE [as_strided under vmap]."""
+    op = aten.as_strided.default
+    xf = move_bdim_to_front(x, bdims[0])
+    offset = storage_offset or 0
+    if _is_chunked(xf):
+        if xf.shape[0] > 1:
+            _check_bounds(op, size, stride, offset, xf.stride(0))
+        return xf.as_strided((xf.shape[0],) + tuple(size), (xf.stride(0),) + tuple(stride), xf.storage_offset() + offset), 0
+    flat, _ = _flat_storage(xf)
+    _check_bounds(op, size, stride, offset, flat.shape[1])
+    index = _positions(size, stride, offset, flat.device)
+    return flat.index_select(1, index).view((flat.shape[0],) + tuple(size)), 0
+
+
+@register_batching(*overloads(aten.as_strided_scatter, "default"))
+def as_strided_scatter_batch(bdims, x, src, size, stride, storage_offset=None):
+    """A copy of each example of ``x`` (as eager clones a dense ``x``,
+    keeping its memory order) with ``src`` written at the positions
+    as_strided addresses.  See NOTE [as_strided under vmap]."""
+    op = aten.as_strided_scatter.default
+    batch = batch_size((x, src), bdims[:2])
+    xf = materialize(x, bdims[0], batch)
+    src = materialize(src, bdims[1], batch)
+    if tuple(src.shape[1:]) != tuple(size):
+        raise_as_eager(op, bdims, (x, src, size, stride, storage_offset))
+    offset = storage_offset or 0
+    flat, order = _flat_storage(xf)
+    _check_bounds(op, size, stride, offset, flat.shape[1])
+    index = _positions(size, stride, offset, flat.device)
+    flat = flat.index_copy(1, index, src.reshape(batch, -1))
+    permuted = [xf.shape[0]] + [xf.shape[d + 1] for d in order]
+    inverse = [0] * len(order)
+    for position, d in enumerate(order):
+        inverse[d] = position + 1
+    return flat.view(permuted).permute([0] + inverse), 0
+
+
+@register_batching(*overloads(aten.resize_, "default"))
+def resize_batch(bdims, x, size, *, memory_format=None):
+    """resize_ to the tensor's own shape changes nothing; any other resize
+    would give the tracer new sizes, which a rule cannot do."""
+    logical = tuple(x.shape[: bdims[0]] + x.shape[bdims[0] + 1 :])
+    if tuple(size) == logical and memory_format is None:
+        return x, bdims[0]
+    raise RuntimeError(
+        f"vmap: resize_ of a batched tensor of shape {list(logical)} to {list(size)} is not "
+        f"supported: it would change the shape of a tensor vmap is tracking in place. Use an "
+        f"out-of-place op instead, e.g. x = x.reshape({list(size)}) (same number of elements) or "
+        f"x = x.new_empty({list(size)})."
+    )
 
 
 # -- aliases ------------------------------------------------------------------
@@ -512,7 +633,7 @@ def triu_vjp(grad, diagonal=0):
     return (grad.triu(diagonal),)
 
 
-@register_vjp(aten.unfold.default)
+@register_vjp(aten.unfold.default, *overloads(aten.unfold_copy, "default"))
 def unfold_vjp(grad, inputs_meta, dimension, size, step):
     return (aten.unfold_backward.default(grad, inputs_meta[0][0], dimension, size, step),)
 
@@ -521,6 +642,8 @@ def unfold_vjp(grad, inputs_meta, dimension, size, step):
 def unfold_backward_batch(bdims, grad_in, input_sizes, dim, size, step):
     grad_in = move_bdim_to_front(grad_in, bdims[0])
     rank = len(input_sizes)
+    if rank == 0:  # a 0-dim input's one window: [B, size] -> [B]
+        return grad_in.sum(1), 0
     return aten.unfold_backward.default(
         grad_in, [grad_in.shape[0], *input_sizes], wrap_dim(dim, rank) + 1, size, step
     ), 0
@@ -529,6 +652,82 @@ def unfold_backward_batch(bdims, grad_in, input_sizes, dim, size, step):
 @register_vjp(aten.unfold_backward.default)
 def unfold_backward_vjp(grad, dim, size, step):
     return (grad.unfold(dim, size, step),)
+
+
+# -- as_strided: a read at storage positions -----------------------------------
+# derivatives.yaml's as_strided_backward, with storage positions as index
+# tensors: the cotangent is accumulated into a zero storage at the positions
+# the output read (overlapping outputs add up), and the input's gradient is
+# read back at the input's positions; an input whose elements overlap in
+# memory shares each position's gradient among them.
+
+
+def _maybe_overlaps(sizes, strides) -> bool:
+    """False when no two elements of this geometry can share a position."""
+    dims = sorted((abs(st), n) for n, st in zip(sizes, strides) if n > 1)
+    reach = 0  # the largest position offset the inner dims reach
+    for st, n in dims:
+        if st <= reach:
+            return True
+        reach += (n - 1) * st
+    return False
+
+
+@register_vjp(aten.as_strided.default, *overloads(aten.as_strided_copy, "default"))
+def as_strided_vjp(grad, self, size, stride, storage_offset=None):
+    in_size, in_stride, in_offset = tuple(self.shape), tuple(self.stride()), self.storage_offset()
+    out_offset = in_offset if storage_offset is None else storage_offset
+    shared = min(in_offset, out_offset)
+    in_offset, out_offset = in_offset - shared, out_offset - shared
+    length = max(in_offset + _span(in_size, in_stride), out_offset + _span(size, stride))
+    device = grad.device
+    storage = grad.new_zeros(length).index_add(0, _positions(size, stride, out_offset, device), grad.reshape(-1))
+    in_positions = _positions(in_size, in_stride, in_offset, device)
+    if _maybe_overlaps(in_size, in_stride):
+        ones = grad.new_ones(()).expand(in_positions.shape)
+        storage = storage / grad.new_zeros(length).index_add(0, in_positions, ones)
+    return (storage.index_select(0, in_positions).view(in_size),)
+
+
+# -- as_strided_scatter: a write at storage positions of a copy of self ----------
+# The copy keeps self's memory order when self is dense (as eager's clone
+# does), else it is contiguous; positions address that order.
+
+
+def _storage_order(t: torch.Tensor) -> list[int]:
+    if t.dim() == 0 or not _maybe_overlaps(t.shape, t.stride()) and _span(t.shape, t.stride()) == t.numel():
+        return sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return list(range(t.dim()))
+
+
+def _in_storage_order(t: torch.Tensor, order) -> torch.Tensor:
+    return t.permute(order).reshape(-1)
+
+
+def _from_storage_order(flat: torch.Tensor, shape, order) -> torch.Tensor:
+    inverse = [0] * len(order)
+    for position, d in enumerate(order):
+        inverse[d] = position
+    return flat.view([shape[d] for d in order]).permute(inverse)
+
+
+@register_vjp(*overloads(aten.as_strided_scatter, "default"))
+def as_strided_scatter_vjp(grad, self, needs, size, stride, storage_offset=None):
+    order = _storage_order(self)
+    flat = _in_storage_order(grad, order)
+    positions = _positions(size, stride, storage_offset or 0, grad.device)
+    self_grad = _from_storage_order(flat.index_fill(0, positions, 0), self.shape, order) if needs[0] else None
+    src_grad = flat.index_select(0, positions).view(tuple(size)) if needs[1] else None
+    return self_grad, src_grad
+
+
+@register_jvp(*overloads(aten.as_strided_scatter, "default"))
+def as_strided_scatter_jvp(self, src, self_t, src_t, size, stride, storage_offset=None):
+    order = _storage_order(self)
+    flat = _in_storage_order(self_t if self_t is not None else torch.zeros_like(self), order)
+    positions = _positions(size, stride, storage_offset or 0, self.device)
+    values = src_t.reshape(-1) if src_t is not None else src.new_zeros(positions.shape)
+    return _from_storage_order(flat.index_copy(0, positions, values), self.shape, order)
 
 
 register_nondifferentiable(aten.detach.default, *overloads(aten.detach_copy, "default"))

@@ -62,7 +62,6 @@ from ._autodiff import (
 
 Tensor = torch.Tensor
 _make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
-_STRIDED = torch.strided
 aten = torch.ops.aten
 
 
@@ -104,7 +103,9 @@ class DualTensor(Tracer):
 
 def make_dual(primal, interp, tangent=None, view=None, epoch=None) -> DualTensor:
     # Positional arguments: (cls, size, strides, storage_offset, memory_format, dtype, layout, device)
-    t = _make_wrapper_subclass(DualTensor, primal.shape, primal.stride(), None, None, primal.dtype, _STRIDED, primal.device)
+    t = _make_wrapper_subclass(
+        DualTensor, primal.shape, primal.stride(), None, None, primal.dtype, primal.layout, primal.device
+    )
     t._primal = primal
     t._interp = interp
     t._tangent = tangent

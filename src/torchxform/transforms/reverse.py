@@ -56,7 +56,6 @@ from ._autodiff import (
 
 Tensor = torch.Tensor
 _make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
-_STRIDED = torch.strided
 _set_grad_enabled = torch._C._set_grad_enabled
 _is_grad_enabled = torch._C.is_grad_enabled
 _sequence = itertools.count()
@@ -204,7 +203,7 @@ class GradTensor(Tracer):
 def make_grad_tensor(primal, interp, node=None, index=0, counter=None, view=None) -> GradTensor:
     # Positional arguments: (cls, size, strides, storage_offset, memory_format, dtype, layout, device)
     t = _make_wrapper_subclass(
-        GradTensor, primal.shape, primal.stride(), None, None, primal.dtype, _STRIDED, primal.device
+        GradTensor, primal.shape, primal.stride(), None, None, primal.dtype, primal.layout, primal.device
     )
     t._primal = primal
     t._interp = interp

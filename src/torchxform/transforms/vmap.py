@@ -352,6 +352,12 @@ class VmapInterpreter(Interpreter):
 
     def _loop(self, op, args, kwargs, values, bdims):
         """The slow but correct fallback: run ``op`` once per batch element."""
+        for v, bdim in zip(values, bdims):
+            if bdim is not None and isinstance(v, Tensor) and v.layout != _STRIDED:
+                raise RuntimeError(
+                    f"vmap: {op} got a batched {v.layout} tensor; vmap supports strided (dense) tensors "
+                    f"only. Convert with .to_dense() inside the function, or batch outside vmap."
+                )
         warn_slow_fallback(op)
 
         def select(v, bdim, i):
@@ -383,6 +389,11 @@ class VmapInterpreter(Interpreter):
     def _stack_results(self, op, results):
         first = results[0]
         if isinstance(first, torch.Tensor):
+            if first.layout != _STRIDED:
+                raise RuntimeError(
+                    f"vmap: {op} returns a {first.layout} tensor; vmap supports strided (dense) tensors "
+                    f"only. Convert with .to_dense() inside the function, or batch outside vmap."
+                )
             return make_batched(_stack_same_shape(op, results), 0, self)
         if type(first) is tuple or type(first) is list:
             return type(first)(self._stack_results(op, list(column)) for column in zip(*results))
