@@ -378,3 +378,22 @@ def test_no_memory_growth_across_calls():
         vmap(f)(torch.randn(3, 4))
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_narrow_with_a_batched_tensor_start_against_a_loop():
+    # See NOTE [narrow with a tensor start].
+    x = torch.randn(3, 5, 4, dtype=torch.float64)
+    starts = torch.tensor([0, 2, -2])
+    expected = torch.stack([torch.narrow(a, 0, int(s), 2) for a, s in zip(x, starts)])
+    assert_close(vmap(lambda x, s: torch.narrow(x, 0, s, 2))(x, starts), expected)
+    expected = torch.stack([x[0].narrow(1, int(s), 2) for s in starts])
+    assert_close(vmap(lambda s: x[0].narrow(1, s, 2))(starts), expected)
+    assert torch.narrow is torch._C._VariableFunctions.narrow  # restored after the transforms
+
+
+def test_tensor_split_with_batched_indices_is_refused_clearly():
+    x = torch.randn(3, 6)
+    assert_close(vmap(lambda x: torch.tensor_split(x, torch.tensor([2, 4])))(x),
+                 tuple(torch.stack(parts) for parts in zip(*[torch.tensor_split(r, torch.tensor([2, 4])) for r in x])))
+    with pytest.raises(RuntimeError, match="tensor_split: the indices or sections are a tensor tracked by a transform"):
+        vmap(lambda x, i: torch.tensor_split(x, i))(x, torch.tensor([[1, 2], [2, 3], [0, 1]]))

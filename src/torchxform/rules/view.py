@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .._core.interpreter import register_patch
 from .._core.tracer import Tracer
 from .._core.registry import (
     BATCH_RULES,
@@ -157,28 +158,47 @@ def narrow_batch(bdims, x, dim, start, length):
     return x.narrow(_phys(wrap_dim(dim, x.dim() - 1), bdim), start, length), bdim
 
 
-@register_batching(*overloads(aten.narrow, "Tensor"))
-def narrow_tensor_start_batch(bdims, x, dim, start, length):
-    """narrow with a 0-dim tensor start, which may differ per example: a
-    gather of `length` consecutive positions from each example's start."""
-    x_bdim, start_bdim = bdims[0], bdims[1]
-    if start_bdim is None:
-        if x_bdim is None:
-            return x.narrow(dim, start, length), None
-        return x.narrow(_phys(wrap_dim(dim, x.dim() - 1), x_bdim), start, length), x_bdim
-    batch = start.shape[start_bdim]
-    x = materialize(x, x_bdim, batch)
-    rank = x.dim() - 1
-    d = wrap_dim(dim, rank) + 1
-    size = x.shape[d]
-    start = move_bdim_to_front(start, start_bdim)
-    start = torch.where(start < 0, start + size, start)
-    # index[b, k] = start[b] + k, broadcast over the other dims of x
-    positions = start.view(-1, 1) + torch.arange(length, device=start.device)  # [B, length]
-    index = positions.view([batch] + [1] * (d - 1) + [length] + [1] * (rank - d))
-    expanded = list(x.shape)
-    expanded[d] = length
-    return torch.gather(x, d, index.expand(expanded)), 0
+# NOTE [narrow with a tensor start]
+# aten.narrow.Tensor is CompositeImplicit: it reads its start with .item()
+# before any transform sees an op, which cannot work when a vmap batches the
+# start.  While transforms run, torch.narrow and Tensor.narrow given a tracer
+# start take positions start .. start+length-1 with index_select instead,
+# which every transform has rules for (the result is then a copy, not a view).
+_original_narrow = torch.narrow
+
+
+def _narrow(input, dim, start, length):
+    if not isinstance(start, Tracer):
+        return _original_narrow(input, dim, start, length)
+    dim = wrap_dim(dim, input.dim())
+    start = torch.where(start < 0, start + input.shape[dim], start)
+    return input.index_select(dim, start + torch.arange(length, device=start.device))
+
+
+register_patch(torch, "narrow", _narrow)
+register_patch(torch.Tensor, "narrow", _narrow)
+
+
+# tensor_split with a tensor of indices is CompositeImplicit too, and reads the
+# indices' data: a tracer of them (batched by vmap) gets a clear error.
+_original_tensor_split = torch.tensor_split
+
+
+def _tensor_split(input, indices_or_sections=None, dim=0, **kwargs):
+    for value in (indices_or_sections, *kwargs.values()):
+        if isinstance(value, Tracer):
+            raise RuntimeError(
+                "tensor_split: the indices or sections are a tensor tracked by a transform (e.g. batched by vmap); "
+                "their values decide the output shapes, which must be the same for every example. Pass Python "
+                "ints or a tensor from outside the transform."
+            )
+    if indices_or_sections is None:
+        return _original_tensor_split(input, dim=dim, **kwargs)
+    return _original_tensor_split(input, indices_or_sections, dim, **kwargs)
+
+
+register_patch(torch, "tensor_split", _tensor_split)
+register_patch(torch.Tensor, "tensor_split", _tensor_split)
 
 
 @register_batching(
