@@ -15,6 +15,7 @@ import math
 import torch
 
 from .._core.interpreter import register_patch
+from .._core.tracer import Tracer
 from .._core.registry import overloads, register_batching, register_batching_each, register_jvp, register_vjp
 from ._batching import batch_size, front_padded, logical_rank, move_bdim_to_front, raise_as_eager, wrap_dim
 from ._derivatives import linear_jvp
@@ -235,6 +236,46 @@ def glu_batch(bdims, x, dim=-1):
 # have rules under every transform; torch.func too differentiates the slow
 # path only.  See NOTE [Patches while transforms run].
 register_patch(torch.backends.mha, "get_fastpath_enabled", lambda: False)
+
+
+# NOTE [Attention off the CPU]
+# F.scaled_dot_product_attention picks a fused kernel before any transform
+# sees an op.  On the CPU that is _scaled_dot_product_flash_attention_for_cpu,
+# which has rules below.  On accelerators it is a flash / memory-efficient /
+# cuDNN kernel, tagged random (for its dropout) and without rules here; so
+# while transforms run, attention on tracers off the CPU computes PyTorch's
+# math formulation (softmax(q k^T * scale + mask) v, dropout on the weights)
+# from ordinary ops, which every transform has rules for.  nn.MultiheadAttention
+# and nn.TransformerEncoderLayer call it through the same name.
+_original_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
+def sdpa_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Scaled dot-product attention from ordinary ops (PyTorch's math backend)."""
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    if enable_gqa:
+        key = key.repeat_interleave(query.size(-3) // key.size(-3), -3)
+        value = value.repeat_interleave(query.size(-3) // value.size(-3), -3)
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if is_causal:
+        allowed = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    weights = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        weights = torch.nn.functional.dropout(weights, dropout_p, training=True)
+    return torch.matmul(weights, value)
+
+
+def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    tracked = any(isinstance(t, Tracer) for t in (query, key, value, attn_mask))
+    run = sdpa_math if tracked and query.device.type != "cpu" else _original_sdpa
+    return run(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+               enable_gqa=enable_gqa)
+
+
+register_patch(torch.nn.functional, "scaled_dot_product_attention", _sdpa)
 
 
 @register_batching(aten._scaled_dot_product_flash_attention_for_cpu.default, batched_kwargs=True)
