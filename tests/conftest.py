@@ -34,7 +34,13 @@ def _default_device():
         yield
         return
     torch.set_default_device(_DEVICE)
+    # Full float32 precision, as on the CPU: otherwise cuDNN convolutions and
+    # RNNs take TF32, and a batched call and its per-example reference round
+    # differently by far more than the tolerances.
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.set_default_device(None)

@@ -8,13 +8,57 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
+import os
+import random
 import warnings
 from typing import Callable, Sequence
 
+import pytest
 import torch
 from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten, tree_unflatten
 
 import torchxform
+
+# True when the suite runs on an accelerator (tests/conftest.py makes
+# TORCHXFORM_TEST_DEVICE the default device).  Only for skipping tests whose
+# eager reference PyTorch itself cannot run there; say why in the reason.
+ON_ACCELERATOR = os.environ.get("TORCHXFORM_TEST_DEVICE", "cpu") != "cpu"
+
+
+def cpu_reference(reason):
+    """Mark a test that cannot run on an accelerator because PyTorch itself
+    cannot run its eager op or reference there (``reason`` says which)."""
+    return pytest.mark.skipif(ON_ACCELERATOR, reason=reason)
+
+
+def cpu_reference_row(param, reason):
+    """A ``pytest.param`` table row with :func:`cpu_reference` added."""
+    return pytest.param(*param.values, marks=[*param.marks, cpu_reference(reason)], id=param.id)
+
+
+def skip_cpu_reference_rows(name, reasons):
+    """In a test over a table of tuples: skip row ``name`` on an accelerator
+    if ``reasons`` (row name -> reason, as for :func:`cpu_reference`) has it."""
+    if ON_ACCELERATOR and name in reasons:
+        pytest.skip(reasons[name])
+
+
+def fixed_randn(*shape, seed, dtype=torch.float64):
+    """Standard-normal values that are the same at every call, made on the
+    default device: a constant that a function under test closes over.  It is
+    made when the test runs (so on the test's device) and is equal each time
+    the function runs; drawn by Python's ``random``, it is no random op under
+    vmap."""
+    rng = random.Random(seed)
+    return torch.tensor([rng.gauss(0.0, 1.0) for _ in range(math.prod(shape))], dtype=dtype).reshape(shape)
+
+
+def fixed_rand(*shape, seed, dtype=torch.float64):
+    """Like :func:`fixed_randn`, uniform on [0, 1)."""
+    rng = random.Random(seed)
+    return torch.tensor([rng.random() for _ in range(math.prod(shape))], dtype=dtype).reshape(shape)
+
 
 # Tolerances by dtype, stated once.  Rules compute the same math on the
 # whole batch, so differences come only from reassociation in kernels.

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import torchxform
 from tests.autograd_harness import check_derivatives, check_vjp, reference_vjp
-from tests.harness import assert_close, no_fallback
+from tests.harness import assert_close, cpu_reference, no_fallback
 from torchxform._core.registry import vjp_coverage
 
 D = torch.float64
@@ -40,7 +40,9 @@ def distinct(n, size):
     return torch.randperm(size)[:n]
 
 
-MASK = torch.tensor([True, False, True, True, False])
+def MASK():
+    """Made when a test runs, on its default device (as are the constants below)."""
+    return torch.tensor([True, False, True, True, False])
 
 # (name, fn, sampler): the sampler draws every argument (integer and boolean
 # tensors are constants; floating ones are differentiated).
@@ -49,8 +51,8 @@ READS = [
     ("index_adjacent", lambda x, i, j: x[:, i, j], lambda: (randn(2, 4, 5, 3), idx(0, 3, 3), idx(1, 4, 1))),
     ("index_separated", lambda x, i, j: x[i, :, j], lambda: (randn(4, 2, 5), idx(0, 3, 0), idx(4, 4, 1))),
     ("index_broadcast", lambda x, i, j: x[i[:, None], j], lambda: (randn(4, 5), idx(1, 1, 3), idx(0, 4))),
-    ("index_mask", lambda x, m: x[m], lambda: (randn(5, 3), MASK)),
-    ("index_mask_inner", lambda x, m: x[:, m], lambda: (randn(2, 5, 2), MASK)),
+    ("index_mask", lambda x, m: x[m], lambda: (randn(5, 3), MASK())),
+    ("index_mask_inner", lambda x, m: x[:, m], lambda: (randn(2, 5, 2), MASK())),
     ("index_mask_2d", lambda x, m: x[m], lambda: (randn(3, 4), torch.rand(3, 4) > 0.5)),
     ("index_noncontiguous", lambda x, i: x.t()[i, 1:], lambda: (randn(3, 4), idx(3, 0, 3))),
     ("index_empty", lambda x, i: x[:, i], lambda: (randn(3, 4), torch.zeros(0, dtype=torch.long))),
@@ -67,14 +69,15 @@ READS = [
     ("take_along_dim", lambda x, i: torch.take_along_dim(x, i, 1), lambda: (randn(3, 4), torch.randint(0, 4, (1, 5)))),
     ("take_along_dim_flat", lambda x, i: torch.take_along_dim(x, i), lambda: (randn(3, 4), idx(11, 0, 11))),
     ("masked_select", lambda x, m: x.masked_select(m), lambda: (randn(3, 5), torch.rand(3, 5) > 0.5)),
-    ("masked_select_bcast_mask", lambda x, m: x.masked_select(m), lambda: (randn(2, 5), MASK)),
-    ("masked_select_bcast_self", lambda x, m: x.masked_select(m), lambda: (randn(5), MASK.expand(3, 5).clone())),
+    ("masked_select_bcast_mask", lambda x, m: x.masked_select(m), lambda: (randn(2, 5), MASK())),
+    ("masked_select_bcast_self", lambda x, m: x.masked_select(m), lambda: (randn(5), MASK().expand(3, 5).clone())),
     ("embedding", lambda w, i: F.embedding(i, w), lambda: (randn(6, 3), idx([0, 5, 5], [2, 0, 1]))),
     ("embedding_padding", lambda w, i: F.embedding(i, w, padding_idx=2), lambda: (randn(6, 3), idx(2, 0, 2, 4, 0))),
     ("embedding_padding_negative", lambda w, i: F.embedding(i, w, padding_idx=-1), lambda: (randn(4, 2), idx(3, 1, 3))),
 ]
 
-_PUT = idx(0, 3, 1)
+def _PUT():
+    return idx(0, 3, 1)
 
 WRITES = [
     ("index_put", lambda x, i, v: x.index_put((i,), v), lambda: (randn(5, 3), distinct(2, 5), randn(2, 3))),
@@ -88,7 +91,7 @@ WRITES = [
         lambda x, i, v: x.index_put((i,), v, accumulate=True),
         lambda: (randn(4, 3), idx(1, 1, 0), randn(3, 3)),
     ),
-    ("index_put_mask", lambda x, m, v: x.index_put((m,), v), lambda: (randn(5, 2), MASK, randn(1, 2))),
+    ("index_put_mask", lambda x, m, v: x.index_put((m,), v), lambda: (randn(5, 2), MASK(), randn(1, 2))),
     ("index_put_scalar_value", lambda x, i, v: x.index_put((i, i), v), lambda: (randn(4, 4), distinct(3, 4), randn())),
     (
         "unsafe_index_put",
@@ -100,13 +103,13 @@ WRITES = [
         lambda x, i, v: aten._index_put_impl_(x.clone(), [i], v),
         lambda: (randn(4, 2), distinct(2, 4), randn(2, 2)),
     ),
-    ("put", lambda x, s: x.put(_PUT, s), lambda: (randn(2, 3), randn(3))),
+    ("put", lambda x, s: x.put(_PUT(), s), lambda: (randn(2, 3), randn(3))),
     (
         "put_accumulate",
         lambda x, s: x.put(idx([0, -1], [0, 2]), s, accumulate=True),
         lambda: (randn(2, 3), randn(2, 2)),
     ),
-    ("masked_scatter", lambda x, m, s: x.masked_scatter(m, s), lambda: (randn(2, 5), MASK, randn(8))),
+    ("masked_scatter", lambda x, m, s: x.masked_scatter(m, s), lambda: (randn(2, 5), MASK(), randn(8))),
     (
         "masked_scatter_bcast_self",
         lambda x, m, s: x.masked_scatter(m, s),
@@ -231,7 +234,7 @@ def _scatter_inplace(x, s):
 
 def _masked_scatter_inplace(x, s):
     x = x.clone()
-    x[1:].masked_scatter_(MASK[:3], s)  # into a view: written back to x
+    x[1:].masked_scatter_(MASK()[:3], s)  # into a view: written back to x
     return x
 
 
@@ -252,18 +255,19 @@ def _view_writes(x, y):
     return x
 
 
-_CONSTANT = torch.arange(10, dtype=D).reshape(5, 2)
+def _CONSTANT():
+    return torch.arange(10, dtype=D).reshape(5, 2)
 
 INPLACE = [
     # A constant made inside the function (a captured one may not be written
     # into under grad, as in torch.func).
     (
         "setitem_into_constant",
-        lambda y, i: _assign(y.new_zeros(5, 2) + _CONSTANT, i, y),
+        lambda y, i: _assign(y.new_zeros(5, 2) + _CONSTANT(), i, y),
         lambda: (randn(2, 2), distinct(2, 5)),
     ),
     ("setitem", _assign, lambda: (randn(5, 2), distinct(2, 5), randn(2, 2))),
-    ("setitem_mask", _assign_mask, lambda: (randn(5, 3), MASK)),
+    ("setitem_mask", _assign_mask, lambda: (randn(5, 3), MASK())),
     ("setitem_add", _add_at, lambda: (randn(2, 4), idx(3, 3, 0), randn(2, 3))),
     (
         "index_put_",
@@ -273,7 +277,7 @@ INPLACE = [
     ("chain", _chain_inplace, lambda: (randn(4, 3), idx(3, 0), randn(2, 3))),
     ("scatter_index_reduce_put", _scatter_inplace, lambda: (randn(2, 3), randn(1, 3))),
     ("masked_scatter_", _masked_scatter_inplace, lambda: (randn(4, 3), randn(6))),
-    ("masked_fill_", lambda x, m: x.clone().masked_fill_(m, 2.0), lambda: (randn(2, 5), MASK)),
+    ("masked_fill_", lambda x, m: x.clone().masked_fill_(m, 2.0), lambda: (randn(2, 5), MASK())),
     ("index_writes_into_views", _index_writes_into_views, lambda: (randn(2, 3), randn(2))),
     ("view_writes", _view_writes, lambda: (randn(4, 4), randn(4))),
 ]
@@ -546,6 +550,7 @@ def test_vmap_grad_per_example(name, loss, sample):
     assert_close(actual, torch.stack(expected), msg=name)
 
 
+@cpu_reference("CUDA's scatter_reduce kernel has no complex 'prod'")
 @pytest.mark.parametrize("include_self", [True, False])
 def test_complex_scatter_reduce_prod_vjp(include_self):
     # torch.autograd has no complex scatter_reduce (and eager no complex

@@ -20,9 +20,10 @@ from torch.utils._pytree import tree_flatten
 
 import torchxform
 from tests.autograd_harness import check_forward_derivatives, ours_jvp, reference_jvp, split_args
-from tests.harness import assert_close, no_fallback
+from tests.harness import assert_close, cpu_reference_row, no_fallback
 from tests.rules.test_linalg_vjp import (  # noqa: F401  (the fixture and the marks apply here too)
     ALL_ROWS,
+    LSTSQ_CPU_DRIVERS,
     _fixed_draws_one_thread,  # reproducible draws, one intra-op thread
     _tensor,
     args,
@@ -92,7 +93,8 @@ COMPLEX = [
          args(lambda: crandn(5, 3), lambda: crandn(5, 2))),
         ("det_batched", torch.linalg.det, args(lambda: torch.stack([cwell_conditioned(3), cwell_conditioned(3)]))),
     ]
-] + [
+]
+COMPLEX = [cpu_reference_row(p, LSTSQ_CPU_DRIVERS) if p.id == "complex_lstsq_residuals" else p for p in COMPLEX] + [
     # Complex singular and eigenvectors as returned (PyTorch's gauge): their
     # phase-dependent outputs make torch.autograd's backward (the jvp over
     # vjp reference) refuse, so first order only.
@@ -113,7 +115,16 @@ def _eigh_projectors(a):
     values, vectors = torch.linalg.eigh(a)
     return values, vectors * vectors.conj()  # |V|^2, phase invariant
 
-_MAT1, _MAT2 = torch.randn(2, 3, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+
+
+def _mat1():
+    """Fixed, generic operands, made in the test on its default device."""
+    return torch.arange(1, 7, dtype=torch.float64).reshape(2, 3).cos()
+
+
+def _mat2():
+    return torch.arange(1, 13, dtype=torch.float64).reshape(3, 4).sin()
+
 
 # Real rows beyond the VJP tests' (outputs their backward tests leave out).
 EXTRA = [
@@ -122,7 +133,7 @@ EXTRA = [
     row("lu_factor_ex_wide", lambda a: torch.linalg.lu_factor_ex(a).LU, args((2, 3, 5))),
     row("slogdet_sign_and_logabsdet", lambda a: torch.linalg.slogdet(a), args((2, 3, 3))),
     row("linear_bias_only_differentiable", lambda b, x, w: F.linear(x, w, b), args((5,), (3, 4), (5, 4))),
-    row("addmm_self_only", lambda s: torch.addmm(s, _MAT1, _MAT2, beta=2.0), args((4,))),
+    row("addmm_self_only", lambda s: torch.addmm(s, _mat1(), _mat2(), beta=2.0), args((4,))),
     row("lu_solve_tall_batch_B", lambda lu, p, b: torch.linalg.lu_solve(lu, p, b, adjoint=True),
         args(lambda: tuple(torch.linalg.lu_factor(well_conditioned(3))), (2, 3, 2))),
     row("householder_product_wide_k", lambda v, tau: torch.linalg.householder_product(v[:, :2], tau[:2]),
@@ -395,19 +406,20 @@ def test_hessian_vector_product_of_mlp():
 
 
 @pytest.mark.parametrize(
-    "a",
+    "make_a",
     [
-        pytest.param(_tensor([[1.0, 2.0], [2.0, 4.0]]), id="rank1_2x2"),
-        pytest.param(_tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]), id="rank2_3x3"),
-        pytest.param(torch.zeros(3, 3, dtype=torch.float64), id="zeros"),
-        pytest.param(torch.stack([_tensor([[1.0, 2.0], [2.0, 4.0]]), 3 * torch.eye(2, dtype=torch.float64)]),
+        pytest.param(lambda: _tensor([[1.0, 2.0], [2.0, 4.0]]), id="rank1_2x2"),
+        pytest.param(lambda: _tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]), id="rank2_3x3"),
+        pytest.param(lambda: torch.zeros(3, 3, dtype=torch.float64), id="zeros"),
+        pytest.param(lambda: torch.stack([_tensor([[1.0, 2.0], [2.0, 4.0]]), 3 * torch.eye(2, dtype=torch.float64)]),
                      id="batch_singular_and_regular"),
     ],
 )
-def test_det_jvp_at_singular_matrices(a):
+def test_det_jvp_at_singular_matrices(make_a):
     """torch.autograd.forward_ad gives nan at exactly singular matrices; the
     derivative is tr(adj(A) dA), with adj(A)^T the gradient that
     torch.autograd computes with create_graph=True."""
+    a = make_a()
     leaf = a.clone().requires_grad_()
     (adjugate_t,) = torch.autograd.grad(torch.linalg.det(leaf).sum(), leaf, create_graph=True)
     tangents = torch.randn((2, *a.shape), dtype=a.dtype)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import torchxform
 from tests.autograd_harness import check_derivatives
-from tests.harness import assert_close, no_fallback
+from tests.harness import assert_close, cpu_reference_row, no_fallback
 from torchxform._core.registry import VJP_RULES
 
 aten = torch.ops.aten
@@ -33,6 +33,10 @@ def _fixed_draws_one_thread():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+# Why rows with these ops skip on an accelerator: PyTorch has no CUDA kernel.
+LSTSQ_CPU_DRIVERS = "torch.linalg.lstsq: drivers other than 'gels' (residuals need 'gelsd' or 'gelss') are CPU-only"
 
 
 # -- input domains --------------------------------------------------------------------
@@ -274,7 +278,10 @@ SPECTRAL = [
     row("pinv_tall", torch.linalg.pinv, args((5, 3))),
     row("pinv_hermitian", lambda a: torch.linalg.pinv(a, hermitian=True), args(lambda: spd(3))),
     row("lstsq", lambda a, b: torch.linalg.lstsq(a, b).solution, args((5, 3), (5, 2))),
-    row("lstsq_residuals", lambda a, b: torch.linalg.lstsq(a, b, driver="gelsd")[:2], args((5, 3), (5, 2))),
+    cpu_reference_row(
+        row("lstsq_residuals", lambda a, b: torch.linalg.lstsq(a, b, driver="gelsd")[:2], args((5, 3), (5, 2))),
+        LSTSQ_CPU_DRIVERS,
+    ),
     row("lstsq_vector", lambda a, b: torch.linalg.lstsq(a, b).solution, args((2, 5, 3), (2, 5))),
 ]
 
@@ -372,22 +379,23 @@ def _tensor(rows):
 
 
 @pytest.mark.parametrize(
-    "a",
+    "make_a",
     [
-        pytest.param(_tensor([[1.0, 2.0], [2.0, 4.0]]), id="rank1_2x2"),
-        pytest.param(_tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]), id="rank2_3x3"),
-        pytest.param(_tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [1.0, 1.0, 1.0]]).mT, id="rank2_noncontiguous"),
-        pytest.param(torch.ones(3, 3, dtype=torch.float64), id="rank1_3x3"),
-        pytest.param(torch.zeros(3, 3, dtype=torch.float64), id="zeros"),
-        pytest.param(torch.zeros(1, 1, dtype=torch.float64), id="zeros_1x1"),
-        pytest.param(torch.stack([_tensor([[1.0, 2.0], [2.0, 4.0]]), 3 * torch.eye(2, dtype=torch.float64)]),
+        pytest.param(lambda: _tensor([[1.0, 2.0], [2.0, 4.0]]), id="rank1_2x2"),
+        pytest.param(lambda: _tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]), id="rank2_3x3"),
+        pytest.param(lambda: _tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [1.0, 1.0, 1.0]]).mT, id="rank2_noncontiguous"),
+        pytest.param(lambda: torch.ones(3, 3, dtype=torch.float64), id="rank1_3x3"),
+        pytest.param(lambda: torch.zeros(3, 3, dtype=torch.float64), id="zeros"),
+        pytest.param(lambda: torch.zeros(1, 1, dtype=torch.float64), id="zeros_1x1"),
+        pytest.param(lambda: torch.stack([_tensor([[1.0, 2.0], [2.0, 4.0]]), 3 * torch.eye(2, dtype=torch.float64)]),
                      id="batch_singular_and_regular"),
     ],
 )
-def test_det_at_singular_matrices(a):
+def test_det_at_singular_matrices(make_a):
     """torch.autograd's first-order det backward returns 0 at exactly singular
     matrices; with create_graph it computes the adjugate (an SVD formula),
     which is the derivative.  We compare with the latter."""
+    a = make_a()
     cotangent = torch.randn(a.shape[:-2], dtype=torch.float64)
     leaf = a.clone().requires_grad_()
     (expected,) = torch.autograd.grad(torch.linalg.det(leaf), leaf, cotangent, create_graph=True)

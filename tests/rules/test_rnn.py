@@ -63,7 +63,7 @@ def test_packed_sequence_under_vmap():
     torch.manual_seed(0)
     gru = nn.GRU(3, 4)
     x = torch.randn(2, 5, 3, 3)  # [examples, seq, batch, features]
-    lengths = torch.tensor([5, 3, 2])
+    lengths = torch.tensor([5, 3, 2], device="cpu")  # pack_padded_sequence wants them on the CPU
 
     def f(x):
         return gru(pack_padded_sequence(x, lengths))[1]

@@ -35,6 +35,7 @@ from .tracer import Tracer
 
 _C = torch._C
 _DK = _C.DispatchKey
+Tensor = torch.Tensor
 _EMPTY_KWARGS: dict = {}
 
 
@@ -127,6 +128,48 @@ def _replace_dead_tracers(args, kwargs):
         return a
 
     return tuple(fix(a) for a in args), {k: fix(v) for k, v in kwargs.items()}
+
+
+# --------------------------------------------------------------------------
+# Calling an op on tracers from rule code without the trip through the C++
+# dispatcher.
+# --------------------------------------------------------------------------
+
+_len_dispatch_modes = _C._len_torch_dispatch_stack
+_dispatch_mode_at = _C._get_dispatch_stack_at
+_pop_dispatch_mode = _C._pop_torch_dispatch_stack
+_push_dispatch_mode = _C._push_on_torch_dispatch_stack
+_torch_function_mode_enabled = _C._is_torch_function_mode_enabled
+_any_autocast_enabled = _C._is_any_autocast_enabled
+
+
+def call_on_tracers(op, args, kwargs=_EMPTY_KWARGS):
+    """``op(*args, **kwargs)`` for ``args`` with a tracer among them (and
+    ``kwargs`` as the dispatcher passes them on: no tensors, the keyword-only
+    arguments it fills in), as PyTorch would run it, minus the C++ dispatcher's round
+    trip: what reaches ``bind`` is the same, and so is the dispatch mode
+    stack while it runs (PyTorch pops a mode while its handler runs).
+
+    Where PyTorch would do more before the Python dispatch key (a plain
+    argument that requires grad: autograd records; autocast; a torch
+    function mode; a dispatch mode of someone else's on top), the op runs
+    the ordinary way.  Used on the hot paths of backward rules."""
+    for a in args:
+        if isinstance(a, Tensor) and a.requires_grad:
+            return op(*args, **kwargs)
+    if _torch_function_mode_enabled() or _any_autocast_enabled():
+        return op(*args, **kwargs)
+    n = _len_dispatch_modes()
+    if not n:
+        return bind(op, args, kwargs)
+    mode = _dispatch_mode_at(n - 1)
+    if type(mode) is not TransformMode:
+        return op(*args, **kwargs)
+    _pop_dispatch_mode(None)
+    try:
+        return bind(op, args, kwargs)
+    finally:
+        _push_dispatch_mode(mode)
 
 
 def lower(op, *args, **kwargs):

@@ -122,7 +122,7 @@ class interpreting:
         interp.level = self._depth + 1
         interp.floor = self._depth if self._ceiling is None else self._ceiling
         interp.alive = True
-        if self._depth == 0 and not _SAVED:
+        if self._depth == 0 and not _patches_installed:
             _install_patches()
         stack.append(interp)
         # The user's function runs at user level: random ops without tracers
@@ -155,30 +155,70 @@ class interpreting:
 # restored when the outermost transform exits, on every exit path.  The
 # patch is process-wide: another thread calling those entry points meanwhile
 # gets the same values through the replacement.
+#
+# Patches of torch.Tensor's own methods are installed later, when the first
+# tracer of an integer or bool dtype is made (see ``integer_tracer_made``),
+# and removed with the others.  Changing an attribute of torch.Tensor
+# invalidates CPython's attribute caches for every tensor type, which costs
+# tens of microseconds per transform call in the lookups that follow; and
+# the Tensor methods patched (narrow, tensor_split: NOTE [narrow with a
+# tensor start] in rules/view.py) differ from the originals only when a
+# tracer is given as an index, which needs a tracer of such a dtype to
+# exist first.
 _PATCHES: list[tuple[object, str, object]] = []
 _SAVED: list[tuple[object, str, object]] = []
+_TENSOR = None  # torch.Tensor, imported lazily (this module does not import torch)
+_patches_installed = False
+_tensor_patches_installed = False
 
 
 def register_patch(owner, attribute: str, replacement) -> None:
-    """Use ``replacement`` for ``owner.attribute`` while transforms run.
-    See NOTE [Patches while transforms run]."""
+    """Use ``replacement`` for ``owner.attribute`` while transforms run
+    (for a method of torch.Tensor: once a tracer of an integer or bool dtype
+    exists).  See NOTE [Patches while transforms run]."""
     _PATCHES.append((owner, attribute, replacement))
 
 
 _INHERITED = object()  # the patched attribute was not the owner's own
 
 
+def _install(owner, attribute, replacement) -> None:
+    # The raw attribute, not getattr's: a classmethod read through
+    # getattr comes back bound to the owner, and restoring that would
+    # bind it to the owner for every subclass too.
+    original = vars(owner).get(attribute, _INHERITED)
+    _SAVED.append((owner, attribute, original))
+    setattr(owner, attribute, replacement)
+
+
 def _install_patches() -> None:
+    global _TENSOR, _patches_installed
+    _patches_installed = True
+    if _TENSOR is None:
+        import torch
+
+        _TENSOR = torch.Tensor
     for owner, attribute, replacement in _PATCHES:
-        # The raw attribute, not getattr's: a classmethod read through
-        # getattr comes back bound to the owner, and restoring that would
-        # bind it to the owner for every subclass too.
-        original = vars(owner).get(attribute, _INHERITED)
-        _SAVED.append((owner, attribute, original))
-        setattr(owner, attribute, replacement)
+        if owner is not _TENSOR:
+            _install(owner, attribute, replacement)
+
+
+def integer_tracer_made() -> None:
+    """Called when a tracer of an integer or bool dtype is made: installs
+    the patches of torch.Tensor's methods, if transforms run and they are
+    not installed yet.  See NOTE [Patches while transforms run]."""
+    global _tensor_patches_installed
+    if _tensor_patches_installed or not _patches_installed:
+        return
+    _tensor_patches_installed = True
+    for owner, attribute, replacement in _PATCHES:
+        if owner is _TENSOR:
+            _install(owner, attribute, replacement)
 
 
 def _remove_patches() -> None:
+    global _patches_installed, _tensor_patches_installed
+    _patches_installed = _tensor_patches_installed = False
     while _SAVED:
         owner, attribute, original = _SAVED.pop()
         if original is _INHERITED:

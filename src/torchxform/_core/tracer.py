@@ -93,15 +93,18 @@ def apply_metadata_op(op, args, kwargs) -> None:
     torch.utils._python_dispatch.return_and_correct_aliasing does), so C++
     callers holding the tensor see the change too.  The transform then sets
     the tracer's payload."""
-    from torch.utils._mode_utils import no_dispatch
-
-    with no_dispatch():
-        meta_in_tls = torch._C._meta_in_tls_dispatch_include()
-        torch._C._set_meta_in_tls_dispatch_include(True)
+    with _no_dispatch():
+        meta_in_tls = _meta_in_tls_dispatch_include()
+        _set_meta_in_tls_dispatch_include(True)
         try:
-            op(*args, **kwargs)
+            getattr(op, "_op", op)(*args, **kwargs)  # the C++ entry point of an OpOverload
         finally:
-            torch._C._set_meta_in_tls_dispatch_include(meta_in_tls)
+            _set_meta_in_tls_dispatch_include(meta_in_tls)
+
+
+_no_dispatch = torch._C._DisableTorchDispatch  # torch.utils._mode_utils.no_dispatch
+_meta_in_tls_dispatch_include = torch._C._meta_in_tls_dispatch_include
+_set_meta_in_tls_dispatch_include = torch._C._set_meta_in_tls_dispatch_include
 
 
 def _is_integer_scalar_tracer(item) -> bool:

@@ -20,6 +20,8 @@ from .._core.registry import (
     register_nondifferentiable,
     register_vjp,
 )
+from .._core.dispatch import call_on_tracers
+from .._core.tracer import Tracer
 from ._derivatives import linear_jvp
 from .._core.schema import is_out_variant, mutates_self
 from ._batching import front_padded, move_bdim_to_front
@@ -311,6 +313,10 @@ def fill_tensor_batch(op, bdims, x, value):
 # ==========================================================================
 
 
+_MUL = aten.mul.Tensor
+_NEG = aten.neg.default
+
+
 def reduce_to(grad, meta):
     """``grad`` summed over the dims its input was broadcast along, in the
     input's dtype and device (``meta`` is ``(shape, dtype, device)``)."""
@@ -343,13 +349,28 @@ def elementwise_vjp(partials: Callable, *, conjugate: bool = True) -> Callable:
             if d is None or not need or meta is None:
                 grads.append(None)
                 continue
-            if conjugate:
-                if isinstance(d, Tensor):
-                    if d.is_complex():
-                        d = d.conj()
-                elif isinstance(d, complex):
-                    d = d.conjugate()
-            grads.append(reduce_to(grad * d, meta))
+            kind = type(d)
+            if kind is int or kind is float:  # real: its own conjugate
+                # A partial of exactly 1 passes the cotangent on, as
+                # autograd's AddBackward does (no op); -1 negates it.
+                if d == 1:
+                    g = grad
+                elif d == -1:
+                    g = call_on_tracers(_NEG, (grad,)) if isinstance(grad, Tracer) else -grad
+                else:
+                    g = call_on_tracers(_MUL, (grad, d)) if isinstance(grad, Tracer) else grad * d
+            else:
+                if conjugate:
+                    if isinstance(d, Tensor):
+                        if d.is_complex():
+                            d = d.conj()
+                    elif isinstance(d, complex):
+                        d = d.conjugate()
+                if isinstance(grad, Tracer) or isinstance(d, Tracer):
+                    g = call_on_tracers(_MUL, (grad, d))
+                else:
+                    g = grad * d
+            grads.append(reduce_to(g, meta))
         return tuple(grads)
 
     params = [
@@ -420,6 +441,8 @@ def fused_backward(kernel, *constants):
     computes it: one kernel instead of the partial's several ops."""
 
     def vjp(grad, result):
+        if isinstance(grad, Tracer) or isinstance(result, Tracer):
+            return (call_on_tracers(kernel, (grad, result, *constants)),)
         return (kernel(grad, result, *constants),)
 
     return vjp

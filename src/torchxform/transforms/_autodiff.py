@@ -110,11 +110,12 @@ def write_into_captured(interp, op, target, primals, kwargs):
     )
 
 
-def lower(interp, op, primals, kwargs, call=None):
+def lower(interp, op, primals, kwargs, call=None, random=None):
     """Run ``op`` on values one level below ``interp`` (see NOTE [Ceiling]),
     with the dispatch keys a rule needs (NOTE [Autograd inside rules]).
 
-    ``call``: the op's C++ entry point (``op._op``), when the caller has it."""
+    ``call``: the op's C++ entry point (``op._op``), and ``random``: whether
+    it is a random op, when the caller has them."""
     # One scan, doing ``bind``'s work too: the highest level among the
     # tracers of lower levels (``top``), and whether a plain value needs the
     # dispatch keys restored.
@@ -148,7 +149,8 @@ def lower(interp, op, primals, kwargs, call=None):
                 level = v._interp.level
                 if level > top_level:
                     top, top_level = v._interp, level
-    random = is_random_op(op)
+    if random is None:
+        random = is_random_op(op)
     if top is None and not random and not _len_dispatch_modes():
         # What ``bind`` does with plain values below a ceiling: run the op.
         # (Only with no dispatch mode active: otherwise the op would reach the

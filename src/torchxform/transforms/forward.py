@@ -45,7 +45,7 @@ from .._core.dispatch import dispatch_keys_restored, needs_dispatch_keys
 from .._core.errors import MissingRuleError
 from .._core.pytree import flatten as tree_flatten
 from .._core.pytree import unflatten as tree_unflatten
-from .._core.interpreter import Interpreter, interpreting
+from .._core.interpreter import Interpreter, integer_tracer_made, interpreting
 from .._core.registry import JVP_RULES, NONDIFFERENTIABLE, VJP_RULES, on_rules_changed
 from .._core.schema import is_view_op, metadata_inplace_counterpart, mutates_self
 from .._core.tracer import Tracer, apply_metadata_op
@@ -86,6 +86,10 @@ class DualTensor(Tracer):
     below), ``_tangent`` (None: zero), ``_view`` (a :class:`ForwardView` for
     views) and ``_epoch`` (a one-element list a root shares with its views)."""
 
+    # Slots: faster to set and read than the instance dict (every op
+    # makes one tracer and reads several of these).
+    __slots__ = ("_primal", "_interp", "_tangent", "_view", "_epoch")
+
     _primal: Tensor
     _tangent: Any
     _view: ForwardView | None
@@ -102,9 +106,12 @@ class DualTensor(Tracer):
 
 
 def make_dual(primal, interp, tangent=None, view=None, epoch=None) -> DualTensor:
+    dtype = primal.dtype
+    if not (dtype.is_floating_point or dtype.is_complex):
+        integer_tracer_made()  # See NOTE [Patches while transforms run]
     # Positional arguments: (cls, size, strides, storage_offset, memory_format, dtype, layout, device)
     t = _make_wrapper_subclass(
-        DualTensor, primal.shape, primal.stride(), None, None, primal.dtype, primal.layout, primal.device
+        DualTensor, primal.shape, primal.stride(), None, None, dtype, primal.layout, primal.device
     )
     t._primal = primal
     t._interp = interp

@@ -21,8 +21,9 @@ from .vmap import vmap
 Tensor = torch.Tensor
 
 
-def _error_if_complex(api: str, values, is_input: bool) -> None:
-    for i, value in enumerate(tree_flatten(values)[0]):
+def _error_if_complex(api: str, values, is_input: bool, flat: bool = False) -> None:
+    """``flat``: ``values`` is already a flat list of leaves."""
+    for i, value in enumerate(values if flat else tree_flatten(values)[0]):
         if isinstance(value, Tensor) and value.dtype.is_complex:
             which = "inputs" if is_input else "outputs"
             raise RuntimeError(
@@ -55,6 +56,11 @@ def _standard_basis(tensors: Sequence[Tensor], chunk_size: int | None) -> Iterat
     numels = [t.numel() for t in tensors]
     total = sum(numels)
     starts = list(itertools.accumulate([0] + numels[:-1]))
+    if len(tensors) == 1 and (chunk_size is None or chunk_size >= total):
+        # One tensor, one chunk: the identity itself (one op instead of three).
+        t = tensors[0]
+        yield (torch.eye(total, dtype=t.dtype, device=t.device).view((total,) + tuple(t.shape)),)
+        return
     row = 0
     for size in _chunk_sizes(total, chunk_size):
         pieces = []
@@ -122,7 +128,7 @@ def jacrev(
         output, pullback = result[0], result[1]
         aux = result[2] if has_aux else None
         flat_output, output_spec = tree_flatten(output)
-        _error_if_complex("jacrev", flat_output, is_input=False)
+        _error_if_complex("jacrev", flat_output, is_input=False, flat=True)
         primals = _slice_argnums(args, argnums)
         flat_primals, primals_spec = tree_flatten(primals)
         out_numel = sum(o.numel() for o in flat_output)
@@ -155,10 +161,14 @@ def jacrev(
         del chunks
 
         # [out_numel, *input.shape] per input -> per output, per input: out.shape + input.shape
-        split = [
-            [piece.view(tuple(o.shape) + tuple(p.shape)) for piece, o in zip(jac.split([o.numel() for o in flat_output]), flat_output)]
-            for jac, p in zip(per_input, flat_primals)
-        ]
+        if len(flat_output) == 1:  # nothing to split
+            (o,) = flat_output
+            split = [[jac.view(tuple(o.shape) + tuple(p.shape))] for jac, p in zip(per_input, flat_primals)]
+        else:
+            split = [
+                [piece.view(tuple(o.shape) + tuple(p.shape)) for piece, o in zip(jac.split([o.numel() for o in flat_output]), flat_output)]
+                for jac, p in zip(per_input, flat_primals)
+            ]
         by_output = [tree_unflatten(list(column), primals_spec) for column in zip(*split)]
         if isinstance(argnums, int):
             by_output = [column[0] for column in by_output]

@@ -36,11 +36,11 @@ from typing import Any, Callable
 
 import torch
 
-from .._core.dispatch import is_random_op
+from .._core.dispatch import call_on_tracers, is_random_op
 from .._core.errors import MissingRuleError
 from .._core.pytree import flatten as tree_flatten
 from .._core.pytree import unflatten as tree_unflatten
-from .._core.interpreter import Interpreter, interpreting
+from .._core.interpreter import Interpreter, integer_tracer_made, interpreting
 from .._core.registry import NONDIFFERENTIABLE, VJP_RULES, on_rules_changed
 from .._core.schema import is_view_op, metadata_inplace_counterpart, mutates_self
 from .._core.tracer import Tracer, apply_metadata_op
@@ -113,9 +113,27 @@ def _check_saved(node: Node) -> None:
             )
 
 
+def _add(a, b):
+    """``a + b`` for two cotangents."""
+    if isinstance(a, Tracer) or isinstance(b, Tracer):
+        return call_on_tracers(_ADD, (a, b))
+    return a + b
+
+
+_ADD = torch.ops.aten.add.Tensor
+_ONES_LIKE = torch.ops.aten.ones_like.default
+
+
+def _ones_like(value):
+    """``torch.ones_like(value)``: the cotangent backward starts from."""
+    if isinstance(value, Tracer):
+        return call_on_tracers(_ONES_LIKE, (value,), {"pin_memory": False})  # as torch.ones_like passes it on
+    return torch.ones_like(value)
+
+
 def _accumulate(slot: list, index: int, cotangent) -> None:
     previous = slot[index]
-    slot[index] = cotangent if previous is None else previous + cotangent
+    slot[index] = cotangent if previous is None else _add(previous, cotangent)
 
 
 def run_backward(roots) -> dict:
@@ -153,7 +171,7 @@ def run_backward(roots) -> dict:
                 slot = cotangents[id(parent)] = [None] * parent.n_outputs
                 heappush(pending, (-parent.seq, id(parent), parent))
             previous = slot[index]
-            slot[index] = cotangent if previous is None else previous + cotangent
+            slot[index] = cotangent if previous is None else _add(previous, cotangent)
     return leaves
 
 
@@ -183,6 +201,10 @@ class GradTensor(Tracer):
     ``_view``: a :class:`ViewInfo` for views, else None.
     """
 
+    # Slots: faster to set and read than the instance dict (every op
+    # makes one tracer and reads several of these).
+    __slots__ = ("_primal", "_interp", "_node", "_index", "_counter", "_view")
+
     _primal: Tensor
     _node: Any
     _index: int
@@ -201,9 +223,12 @@ class GradTensor(Tracer):
 
 
 def make_grad_tensor(primal, interp, node=None, index=0, counter=None, view=None) -> GradTensor:
+    dtype = primal.dtype
+    if not (dtype.is_floating_point or dtype.is_complex):
+        integer_tracer_made()  # See NOTE [Patches while transforms run]
     # Positional arguments: (cls, size, strides, storage_offset, memory_format, dtype, layout, device)
     t = _make_wrapper_subclass(
-        GradTensor, primal.shape, primal.stride(), None, None, primal.dtype, primal.layout, primal.device
+        GradTensor, primal.shape, primal.stride(), None, None, dtype, primal.layout, primal.device
     )
     t._primal = primal
     t._interp = interp
@@ -381,8 +406,11 @@ class GradInterpreter(Interpreter):
         saved_self = None
         if record and inplace and rule_plan.wants_self_before:
             saved_self = self._lower(aten_clone, (primals[0],), {})
-        if metadata_counterpart is None and grad_mode == self.prev_grad_mode:
-            out = lower(self, op, primals, kwargs, call)
+        if grad_mode == self.prev_grad_mode:
+            if metadata_counterpart is None:
+                out = lower(self, op, primals, kwargs, call, random)
+            else:  # the new view, computed out of place
+                out = lower(self, metadata_counterpart, primals, kwargs)
         else:
             out = self._lower(op, primals, kwargs, metadata_counterpart)
 
@@ -390,7 +418,7 @@ class GradInterpreter(Interpreter):
         if record:
             if rule_plan.wants_result and not inplace and not is_view:
                 # Saved outputs are version-checked too: give them counters now.
-                counters = [[0] for _ in range(max(n_returns, 1))]
+                counters = [[0]] if n_returns <= 1 else [[0] for _ in range(n_returns)]
             node = self._record(
                 op, rule_plan, args, primals, kwargs, edges, out, saved_self, n_returns, counters, kwarg_edges, lists
             )
@@ -483,7 +511,8 @@ class GradInterpreter(Interpreter):
         if rule_plan.wants_result:
             saved["result"] = out
             if counters is not None:
-                checks.extend((c, 0, "an output") for c in counters)
+                for c in counters:
+                    checks.append((c, 0, "an output"))
             elif mutates_self(op):
                 target = args[0]
                 checks.append((target._counter, target._counter[0] + 1, "the output"))
@@ -492,8 +521,10 @@ class GradInterpreter(Interpreter):
             for p in primals:
                 if isinstance(p, Tensor):
                     meta.append((p.shape, p.dtype, p.device))
-                else:
+                elif type(p) is list or type(p) is tuple:
                     meta.append(_meta(p))
+                else:
+                    meta.append(None)
             saved["inputs_meta"] = tuple(meta)
         if rule_plan.wants_needs:
             if lists:
@@ -538,8 +569,10 @@ class GradInterpreter(Interpreter):
             flat_edges.extend(kwarg_edges.values())
         if type(out) is list:  # a Tensor[] output (split, unbind, ...): one node output per element
             n_outputs, multi_output = len(out), True
+        elif n_returns <= 1:
+            n_outputs, multi_output = 1, False
         else:
-            n_outputs, multi_output = max(n_returns, 1), n_returns > 1
+            n_outputs, multi_output = n_returns, True
         if layout is None:
             pullback = functools.partial(_apply_simple_rule, rule_plan.rule, saved, multi_output)
         else:
@@ -945,7 +978,7 @@ def grad_and_value(func: Callable, argnums: int | tuple = 0, has_aux: bool = Fal
             value = _unwrap(output, interp)
         # Backward runs after the level is popped, in the caller's grad mode:
         # outer levels record it (higher-order derivatives) when they should.
-        start = [(root[0], root[1], torch.ones_like(value))] if root is not None else []
+        start = [(root[0], root[1], _ones_like(value))] if root is not None else []
         collected = run_backward(start) if start else {}
         grads = []
         for i, arg_leaves in leaves:

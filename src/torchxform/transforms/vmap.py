@@ -22,7 +22,7 @@ from .._core.errors import warn_slow_fallback
 from .._core.pytree import broadcast_to_and_flatten as _broadcast_to_and_flatten
 from .._core.pytree import flatten as tree_flatten
 from .._core.pytree import unflatten as tree_unflatten
-from .._core.interpreter import STATE, Interpreter, interpreting
+from .._core.interpreter import STATE, Interpreter, integer_tracer_made, interpreting
 from .._core.registry import BATCH_RULES, KWARG_BATCH_RULES, on_rules_changed
 from .._core.schema import is_out_variant, metadata_inplace_counterpart, mutates_self
 from .._core.tracer import Tracer, apply_metadata_op
@@ -37,6 +37,10 @@ class BatchedTensor(Tracer):
     ``_value`` is the physical tensor (it may itself be a tracer of a lower
     level) and ``_bdim`` the dim of ``_value`` that holds the batch.
     """
+
+    # Slots: faster to set and read than the instance dict (every op
+    # makes one tracer and reads several of these).
+    __slots__ = ("_value", "_bdim", "_interp")
 
     _value: torch.Tensor
     _bdim: int
@@ -79,8 +83,11 @@ def make_batched(value: torch.Tensor, bdim: int, interp: VmapInterpreter) -> Bat
         shape, strides = shape[1:], strides[1:]
     else:
         shape, strides = shape[:bdim] + shape[bdim + 1 :], strides[:bdim] + strides[bdim + 1 :]
+    dtype = value.dtype
+    if not (dtype.is_floating_point or dtype.is_complex):
+        integer_tracer_made()  # See NOTE [Patches while transforms run]
     # Positional arguments: (cls, size, strides, storage_offset, memory_format, dtype, layout, device)
-    t = _make_wrapper_subclass(BatchedTensor, shape, strides, None, None, value.dtype, _STRIDED, value.device)
+    t = _make_wrapper_subclass(BatchedTensor, shape, strides, None, None, dtype, _STRIDED, value.device)
     t._value = value
     t._bdim = bdim
     t._interp = interp
@@ -135,6 +142,37 @@ def _is_generic_elementwise(op, rule) -> bool:
     )
 
 
+def _unbatched_fit(values, bdims, layout, rank) -> bool:
+    """Whether an elementwise op can run on the physical values as they are
+    when some tensor arguments are not batched (``values``/``bdims``: the
+    physical arguments; the batched ones all have rank ``rank`` and their
+    batch at ``layout``), exactly as ``elementwise_batch`` would run it.
+
+    With the batch dim in front (``layout`` 0) that rule runs the op on the
+    same physical values, provided broadcasting, which aligns trailing dims,
+    keeps each unbatched tensor off the batch dim (it has at most the
+    logical rank), and type promotion does not change: it treats 0-dim
+    tensors apart, and a batched logical 0-dim tensor is physically 1-dim
+    (NOTE [Batched 0-dim tensors and type promotion] in
+    rules/elementwise.py), so with those every tensor must have the same
+    dtype.  (Elsewhere the rule moves the batch dim to the front first,
+    which a shape error would then report.)"""
+    if layout != 0:
+        return False
+    room = rank - 1
+    dtype = None
+    for v, b in zip(values, bdims):
+        if isinstance(v, Tensor):
+            if b is None and v.dim() > room:
+                return False
+            if rank == 1:
+                if dtype is None:
+                    dtype = v.dtype
+                elif v.dtype != dtype:
+                    return False
+    return True
+
+
 def _plan(op) -> _Plan:
     plan = _PLANS[id(op)] = _Plan(op)
     return plan
@@ -174,9 +212,12 @@ class VmapInterpreter(Interpreter):
         values = list(args)
         bdims = [None] * len(args)
         batched = needs_keys = False
-        # `uniform`: every tensor argument so far is batched at `layout`
-        # with rank `rank` (what the generic elementwise rule checks).
+        # `uniform`: every batched tensor argument so far is batched at
+        # `layout` with rank `rank`, and no argument is a Tensor[] (what the
+        # generic elementwise rule checks); `unbatched`: a tensor argument
+        # is not batched here (see _unbatched_fit).
         uniform = True
+        unbatched = False
         layout = rank = None
         i = 0
         for a in args:
@@ -191,7 +232,7 @@ class VmapInterpreter(Interpreter):
                 if a.requires_grad or a.is_complex() or a.is_neg():
                     needs_keys = True  # See NOTE [Autograd inside rules]
             elif isinstance(a, Tensor):
-                uniform = False
+                unbatched = True
                 if a.requires_grad or a.is_complex() or a.is_neg():
                     needs_keys = True
             elif type(a) is list or type(a) is tuple:
@@ -211,7 +252,7 @@ class VmapInterpreter(Interpreter):
                     needs_keys = True
 
         direct = plan.direct
-        if direct is not None and uniform and batched:
+        if direct is not None and uniform and batched and (not unbatched or _unbatched_fit(values, bdims, layout, rank)):
             # What the generic elementwise rule would do: the op on the
             # physical values as they are.
             if needs_keys:
@@ -219,8 +260,22 @@ class VmapInterpreter(Interpreter):
                     out = direct(*values, **kwargs)
             else:
                 out = direct(*values, **kwargs)
-            if isinstance(out, Tensor):
-                return make_batched(out, layout, self)
+            if isinstance(out, Tensor):  # make_batched(out, layout, self), inlined
+                dtype = out.dtype
+                if not (dtype.is_floating_point or dtype.is_complex):
+                    integer_tracer_made()  # See NOTE [Patches while transforms run]
+                shape = out.shape
+                strides = out.stride()
+                if layout == 0:
+                    shape, strides = shape[1:], strides[1:]
+                else:
+                    shape = shape[:layout] + shape[layout + 1 :]
+                    strides = strides[:layout] + strides[layout + 1 :]
+                t = _make_wrapper_subclass(BatchedTensor, shape, strides, None, None, dtype, _STRIDED, out.device)
+                t._value = out
+                t._bdim = layout
+                t._interp = self
+                return t
             return self.wrap((out, layout))  # several outputs (frexp, ...)
 
         rule, inplace = plan.rule, plan.inplace
