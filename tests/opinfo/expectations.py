@@ -119,7 +119,6 @@ XFAILS: dict[str, dict[tuple[str, str], str]] = {
         ('as_strided_copy', 'vmap'): 'torch.func: wrong numbers: vmap in_dims=(-1,)[0]: Tensor-likes are not close!',
         ('as_strided_scatter', 'vmap'): 'torch.func: RuntimeError: Error: aten::as_strided_scatter requires special handling, and does not yet have a batching rule. Feel free to file a github issue!',
         ('as_strided_scatter', 'vmapjvp'): 'torch.func: RuntimeError: Error: aten::as_strided_scatter requires special handling, and does not yet have a batching rule. Feel free to file a github issue!',
-        ('as_strided_scatter', 'vmapvjp'): 'torch.func: RuntimeError: Error: aten::as_strided_scatter requires special handling, and does not yet have a batching rule. Feel free to file a github issue!',
         ('column_stack', 'vmap'): 'torch.func: RuntimeError: Batching rule not implemented for aten::column_stack. We could not generate a fallback.',
         ('grid_sampler_2d', 'vmap'): 'torch.func: RuntimeError: shape[src] % size1 == 0 INTERNAL ASSERT FAILED at "/__w/pytorch/pytorch/aten/src/ATen/functorch/BatchRulesHelper.cpp":119, please report a bug to PyTorch.',
         ('grid_sampler_3d', 'vmap'): 'torch.func: RuntimeError: shape[src] % size1 == 0 INTERNAL ASSERT FAILED at "/__w/pytorch/pytorch/aten/src/ATen/functorch/BatchRulesHelper.cpp":119, please report a bug to PyTorch.',

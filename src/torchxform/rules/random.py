@@ -39,6 +39,7 @@ from .._core.registry import (
     register_vjp,
 )
 from .._core.schema import is_out_variant
+from .._core.tracer import Tracer
 from ..transforms.vmap import RANDOMNESS_ERROR_MESSAGE, current_vmap
 from ._batching import front_padded, materialize, move_bdim_to_front
 from .creation import like_batch_call
@@ -86,11 +87,16 @@ def _check_all(ok, message):
 
     For parameters eager validates by value (bernoulli's p, normal's std)
     where a 'same' rule does not run the eager op: vmap must not return
-    numbers where eager raises.  One check covers the whole batch, without
-    reading a value into Python: ``_assert_async`` raises RuntimeError on
-    CPU (on CUDA it is a device-side assert, as in eager's bernoulli kernel).
-    Under nested vmap the reduction and the assert run at the lower levels."""
-    torch._assert_async(ok.all(), message)
+    numbers where eager raises.  One check covers the whole batch: on plain
+    values it is read on the host, as eager's normal does (a device-side
+    assert on an accelerator would poison the whole process); under nested
+    vmap, where no value can be read, ``_assert_async`` runs at the lower
+    levels (a RuntimeError on the CPU)."""
+    ok = ok.all()
+    if isinstance(ok, Tracer):
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise RuntimeError(message)
 
 
 def _require_floating(name, dtype):
