@@ -38,11 +38,11 @@ def private_update(per_sample: dict[str, torch.Tensor], noise_seed: int, max_gra
     batch = next(iter(per_sample.values())).shape[0]
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in per_sample.values()], dim=1).norm(dim=1)
     scale = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    generator = torch.Generator().manual_seed(noise_seed)
+    generator = torch.Generator(device=norms.device).manual_seed(noise_seed)
     update = {}
     for name, g in per_sample.items():
         clipped_sum = torch.einsum("n,n...->...", scale, g)
-        noise = torch.randn(clipped_sum.shape, generator=generator) * (NOISE_MULTIPLIER * max_grad_norm)
+        noise = torch.randn(clipped_sum.shape, generator=generator, device=clipped_sum.device) * (NOISE_MULTIPLIER * max_grad_norm)
         update[name] = (clipped_sum + noise.to(clipped_sum)) / batch
     return update
 
@@ -72,10 +72,10 @@ def loop_dp_sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise_s
         factor = min(1.0, max_grad_norm / (total_norm.item() + 1e-6))
         for s, g in zip(sums, grads):
             s += factor * g
-    generator = torch.Generator().manual_seed(noise_seed)  # the same noise, drawn in the same order
+    generator = torch.Generator(device=params[0].device).manual_seed(noise_seed)  # the same noise, same order
     new_params = {}
     for name, p, s in zip(names, params, sums):
-        noise = torch.randn(s.shape, generator=generator) * (NOISE_MULTIPLIER * max_grad_norm)
+        noise = torch.randn(s.shape, generator=generator, device=s.device) * (NOISE_MULTIPLIER * max_grad_norm)
         new_params[name] = p.detach() - LEARNING_RATE * (s + noise) / len(x)
     return new_params
 

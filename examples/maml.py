@@ -30,10 +30,10 @@ def make_model() -> nn.Module:
 
 def sine_tasks(tasks: int, shots: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
     """Support and query sets ``[tasks, shots, 1]`` of random sine waves."""
-    amplitude = torch.rand(tasks, 1, 1, generator=generator) * 4.9 + 0.1
-    phase = torch.rand(tasks, 1, 1, generator=generator) * math.pi
-    x_support = torch.rand(tasks, shots, 1, generator=generator) * 10 - 5
-    x_query = torch.rand(tasks, shots, 1, generator=generator) * 10 - 5
+    amplitude = torch.rand(tasks, 1, 1, generator=generator, device=generator.device) * 4.9 + 0.1
+    phase = torch.rand(tasks, 1, 1, generator=generator, device=generator.device) * math.pi
+    x_support = torch.rand(tasks, shots, 1, generator=generator, device=generator.device) * 10 - 5
+    x_query = torch.rand(tasks, shots, 1, generator=generator, device=generator.device) * 10 - 5
     return x_support, amplitude * torch.sin(x_support - phase), x_query, amplitude * torch.sin(x_query - phase)
 
 
@@ -74,7 +74,8 @@ def loop_meta_gradient(model: nn.Module, x_support, y_support, x_query, y_query)
 
 def workload(tasks: int = 16, shots: int = 10) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     torch.manual_seed(0)
-    return make_model(), sine_tasks(tasks, shots, torch.Generator().manual_seed(0))
+    generator = torch.Generator(device=torch.get_default_device()).manual_seed(0)
+    return make_model(), sine_tasks(tasks, shots, generator)
 
 
 def main(tasks: int = 16, shots: int = 10) -> None:

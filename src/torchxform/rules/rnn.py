@@ -7,12 +7,15 @@ under vmap).  While transforms run, nn's ``_VF`` is replaced by one whose
 RNN functions are torch._decomp's ATen-op implementations (see NOTE
 [Patches while transforms run]).  Those run float32 LSTM layers through
 oneDNN's fused ``mkldnn_rnn_layer`` kernel, which is decomposed here into
-the LSTM cell math, so every transform sees and composes through it.
+the LSTM cell math, so every transform sees and composes through it.  The
+single-step cells (``lstm_cell``, ``gru_cell``, ``rnn_*_cell``) are replaced
+the same way: off the CPU they call fused kernels without rules.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import torch.nn.modules.rnn
 from torch._decomp import decompositions as _decomps
 from torch._decomp.decompositions import one_layer_lstm
@@ -59,6 +62,33 @@ def mkldnn_rnn_layer(
     return output, h.unsqueeze(0), c.unsqueeze(0), workspace
 
 
+# The single-step cells (nn.LSTMCell, GRUCell, RNNCell) in ATen ops: off the
+# CPU their C++ composites call fused kernels (_thnn_fused_lstm_cell, ...)
+# that have no rules; these are PyTorch's cell formulas.
+def _lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    h, c = hx
+    gates = F.linear(input, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
+    i, f, g, o = gates.chunk(4, -1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c_new), c_new
+
+
+def _gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    input_r, input_z, input_n = F.linear(input, w_ih, b_ih).chunk(3, -1)
+    hidden_r, hidden_z, hidden_n = F.linear(hx, w_hh, b_hh).chunk(3, -1)
+    reset = torch.sigmoid(input_r + hidden_r)
+    update = torch.sigmoid(input_z + hidden_z)
+    new = torch.tanh(input_n + reset * hidden_n)
+    return new + update * (hx - new)
+
+
+def _rnn_cell(activation):
+    def cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+        return activation(F.linear(input, w_ih, b_ih) + F.linear(hx, w_hh, b_hh))
+
+    return cell
+
+
 class _TransformVF:
     """nn's ``_VF`` with the RNN entry points written in ATen ops; anything
     else is the real ``_VF``'s."""
@@ -83,6 +113,10 @@ class _TransformVF:
     gru = _route(_decomps.gru_impl, _decomps.gru_impl_data)
     rnn_tanh = _route(_decomps.rnn_tanh_input, _decomps.rnn_tanh_data)
     rnn_relu = _route(_decomps.rnn_relu_input, _decomps.rnn_relu_data)
+    lstm_cell = staticmethod(_lstm_cell)
+    gru_cell = staticmethod(_gru_cell)
+    rnn_tanh_cell = staticmethod(_rnn_cell(torch.tanh))
+    rnn_relu_cell = staticmethod(_rnn_cell(torch.relu))
 
 
 register_patch(torch.nn.modules.rnn, "_VF", _TransformVF(torch.nn.modules.rnn._VF))
