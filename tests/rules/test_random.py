@@ -51,9 +51,11 @@ def assert_every_example(out, expected):
 
 
 def assert_examples_differ(out):
+    """'different' randomness: the examples are not all the same draw.  (Two
+    examples may coincide by chance when a draw is a few values from a small
+    range, so this does not demand that every pair differ.)"""
     flat = out.reshape(out.shape[0], -1)
-    for i in range(1, out.shape[0]):
-        assert not torch.equal(flat[0], flat[i]), f"examples 0 and {i} drew the same values"
+    assert any(not torch.equal(flat[0], flat[i]) for i in range(1, out.shape[0])), "every example drew the same values"
 
 
 def assert_error_mode(fn, *args, in_dims=0):

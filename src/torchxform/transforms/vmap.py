@@ -662,6 +662,25 @@ def _flat_vmap(func, batch_size, flat_in_dims, flat_args, args_spec, out_dims, r
         return _unwrap_outputs(outputs, out_dims, interp, func)
 
 
+def _rng_states(flat_args):
+    """The states of the generators a chunk may draw from: the CPU's, and
+    those of the accelerator devices among the inputs and of the default device."""
+    devices = {a.device for a in flat_args if isinstance(a, torch.Tensor)} | {torch.get_default_device()}
+    states = [(None, torch.get_rng_state())]
+    for device in devices:
+        if device.type not in ("cpu", "meta"):
+            states.append((device, torch.get_device_module(device.type).get_rng_state(device)))
+    return states
+
+
+def _set_rng_states(states) -> None:
+    for device, state in states:
+        if device is None:
+            torch.set_rng_state(state)
+        else:
+            torch.get_device_module(device.type).set_rng_state(state, device)
+
+
 def _chunked_vmap(func, batch_size, flat_in_dims, flat_args, args_spec, out_dims, randomness, chunk_size, kwargs):
     sizes = [chunk_size] * (batch_size // chunk_size)
     if batch_size % chunk_size:
@@ -672,11 +691,11 @@ def _chunked_vmap(func, batch_size, flat_in_dims, flat_args, args_spec, out_dims
         for arg, d in zip(flat_args, flat_in_dims)
     ]
     # 'same' randomness must give every chunk the same draws.
-    rng_state = torch.get_rng_state() if randomness == "same" else None
+    rng_states = _rng_states(flat_args) if randomness == "same" else None
     chunk_outputs = []
     for chunk_args, size in zip(zip(*per_arg_chunks), sizes):
-        if rng_state is not None:
-            torch.set_rng_state(rng_state)
+        if rng_states is not None:
+            _set_rng_states(rng_states)
         out = _flat_vmap(func, size, flat_in_dims, list(chunk_args), args_spec, out_dims, randomness, kwargs)
         chunk_outputs.append(out)
     flattened = [_flatten_with_out_dims(out, out_dims, func) for out in chunk_outputs]
