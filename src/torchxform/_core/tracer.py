@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .interpreter import integer_tracer_made
+
 _make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
 _EMPTY_KWARGS: dict = {}
 _bind = None  # set by dispatch.py, which imports this module
@@ -32,12 +34,6 @@ class Tracer(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         return _bind(func, args, kwargs or _EMPTY_KWARGS)
-
-    @staticmethod
-    def _wrap_shape(cls, shape, strides, like: torch.Tensor) -> "Tracer":
-        """Allocate a storage-less tracer of ``cls`` with the given logical
-        shape/strides and ``like``'s dtype and device."""
-        return _make_wrapper_subclass(cls, shape, strides, dtype=like.dtype, device=like.device)
 
     def _payload_repr(self) -> str:
         raise NotImplementedError
@@ -84,6 +80,20 @@ class Tracer(torch.Tensor):
             f"{type(self).__name__} is a transform's internal value and cannot be "
             "pickled or deep-copied; return it from the transformed function instead."
         )
+
+
+def new_tracer(cls, interp, value, shape, strides, layout=torch.strided) -> Tracer:
+    """A storage-less tracer of ``cls`` for ``interp``: the given logical
+    shape and strides, ``value``'s dtype and device.  (A tracer of an integer
+    or bool dtype can become a Python index: see NOTE [Patches while
+    transforms run].)  The caller sets the payload."""
+    dtype = value.dtype
+    if not (dtype.is_floating_point or dtype.is_complex):
+        integer_tracer_made()
+    # Positional arguments: (cls, size, strides, storage_offset, memory_format, dtype, layout, device)
+    t = _make_wrapper_subclass(cls, shape, strides, None, None, dtype, layout, value.device)
+    t._interp = interp
+    return t
 
 
 def apply_metadata_op(op, args, kwargs) -> None:

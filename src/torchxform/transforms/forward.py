@@ -45,10 +45,10 @@ from .._core.dispatch import dispatch_keys_restored, needs_dispatch_keys
 from .._core.errors import MissingRuleError
 from .._core.pytree import flatten as tree_flatten
 from .._core.pytree import unflatten as tree_unflatten
-from .._core.interpreter import Interpreter, integer_tracer_made, interpreting
+from .._core.interpreter import Interpreter, interpreting
 from .._core.registry import JVP_RULES, NONDIFFERENTIABLE, VJP_RULES, on_rules_changed
 from .._core.schema import is_view_op, metadata_inplace_counterpart, mutates_self
-from .._core.tracer import Tracer, apply_metadata_op
+from .._core.tracer import Tracer, apply_metadata_op, new_tracer
 from ._autodiff import (
     any_differentiable,
     bound_value,
@@ -61,7 +61,6 @@ from ._autodiff import (
 )
 
 Tensor = torch.Tensor
-_make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
 aten = torch.ops.aten
 
 
@@ -106,15 +105,8 @@ class DualTensor(Tracer):
 
 
 def make_dual(primal, interp, tangent=None, view=None, epoch=None) -> DualTensor:
-    dtype = primal.dtype
-    if not (dtype.is_floating_point or dtype.is_complex):
-        integer_tracer_made()  # See NOTE [Patches while transforms run]
-    # Positional arguments: (cls, size, strides, storage_offset, memory_format, dtype, layout, device)
-    t = _make_wrapper_subclass(
-        DualTensor, primal.shape, primal.stride(), None, None, dtype, primal.layout, primal.device
-    )
+    t = new_tracer(DualTensor, interp, primal, primal.shape, primal.stride(), primal.layout)
     t._primal = primal
-    t._interp = interp
     t._tangent = tangent
     t._view = view
     t._epoch = epoch if epoch is not None else [0]

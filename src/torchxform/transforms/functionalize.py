@@ -37,13 +37,12 @@ import torch
 from torch.utils._mode_utils import no_dispatch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .._core.interpreter import Interpreter, integer_tracer_made, interpreting
+from .._core.interpreter import Interpreter, interpreting
 from .._core.schema import functional_counterpart, is_out_variant, is_view_op, metadata_inplace_counterpart, mutates_self
-from .._core.tracer import Tracer, apply_metadata_op
+from .._core.tracer import Tracer, apply_metadata_op, new_tracer
 from ._autodiff import below, lower
 
 aten = torch.ops.aten
-_make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
 
 
 class _Storage:
@@ -84,12 +83,7 @@ class FunctionalTensor(Tracer):
 
 
 def _wrap(value, interp, storage=None, chain=(), strides=None):
-    strides = value.stride() if strides is None else strides
-    dtype = value.dtype
-    if not (dtype.is_floating_point or dtype.is_complex):
-        integer_tracer_made()  # See NOTE [Patches while transforms run]
-    t = _make_wrapper_subclass(FunctionalTensor, value.shape, strides, dtype=dtype, device=value.device)
-    t._interp = interp
+    t = new_tracer(FunctionalTensor, interp, value, value.shape, value.stride() if strides is None else strides)
     t._storage = storage if storage is not None else _Storage(value)
     t._chain = chain
     t._value = value

@@ -40,10 +40,10 @@ from .._core.dispatch import call_on_tracers, is_random_op
 from .._core.errors import MissingRuleError
 from .._core.pytree import flatten as tree_flatten
 from .._core.pytree import unflatten as tree_unflatten
-from .._core.interpreter import Interpreter, integer_tracer_made, interpreting
+from .._core.interpreter import Interpreter, interpreting
 from .._core.registry import NONDIFFERENTIABLE, VJP_RULES, on_rules_changed
 from .._core.schema import is_view_op, metadata_inplace_counterpart, mutates_self
-from .._core.tracer import Tracer, apply_metadata_op
+from .._core.tracer import Tracer, apply_metadata_op, new_tracer
 from ._autodiff import (
     any_differentiable,
     is_differentiable,
@@ -55,7 +55,6 @@ from ._autodiff import (
 )
 
 Tensor = torch.Tensor
-_make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
 _set_grad_enabled = torch._C._set_grad_enabled
 _is_grad_enabled = torch._C.is_grad_enabled
 _sequence = itertools.count()
@@ -223,15 +222,8 @@ class GradTensor(Tracer):
 
 
 def make_grad_tensor(primal, interp, node=None, index=0, counter=None, view=None) -> GradTensor:
-    dtype = primal.dtype
-    if not (dtype.is_floating_point or dtype.is_complex):
-        integer_tracer_made()  # See NOTE [Patches while transforms run]
-    # Positional arguments: (cls, size, strides, storage_offset, memory_format, dtype, layout, device)
-    t = _make_wrapper_subclass(
-        GradTensor, primal.shape, primal.stride(), None, None, dtype, primal.layout, primal.device
-    )
+    t = new_tracer(GradTensor, interp, primal, primal.shape, primal.stride(), primal.layout)
     t._primal = primal
-    t._interp = interp
     t._node = node
     t._index = index
     t._counter = counter if counter is not None else [0]

@@ -22,13 +22,12 @@ from .._core.errors import warn_slow_fallback
 from .._core.pytree import broadcast_to_and_flatten as _broadcast_to_and_flatten
 from .._core.pytree import flatten as tree_flatten
 from .._core.pytree import unflatten as tree_unflatten
-from .._core.interpreter import STATE, Interpreter, integer_tracer_made, interpreting
+from .._core.interpreter import STATE, Interpreter, interpreting
 from .._core.registry import BATCH_RULES, KWARG_BATCH_RULES, on_rules_changed
 from .._core.schema import is_out_variant, metadata_inplace_counterpart, mutates_self
-from .._core.tracer import Tracer, apply_metadata_op
+from .._core.tracer import Tracer, apply_metadata_op, new_tracer
 
 Tensor = torch.Tensor
-_make_wrapper_subclass = torch.Tensor._make_wrapper_subclass
 
 
 class BatchedTensor(Tracer):
@@ -83,14 +82,9 @@ def make_batched(value: torch.Tensor, bdim: int, interp: VmapInterpreter) -> Bat
         shape, strides = shape[1:], strides[1:]
     else:
         shape, strides = shape[:bdim] + shape[bdim + 1 :], strides[:bdim] + strides[bdim + 1 :]
-    dtype = value.dtype
-    if not (dtype.is_floating_point or dtype.is_complex):
-        integer_tracer_made()  # See NOTE [Patches while transforms run]
-    # Positional arguments: (cls, size, strides, storage_offset, memory_format, dtype, layout, device)
-    t = _make_wrapper_subclass(BatchedTensor, shape, strides, None, None, dtype, _STRIDED, value.device)
+    t = new_tracer(BatchedTensor, interp, value, shape, strides)
     t._value = value
     t._bdim = bdim
-    t._interp = interp
     return t
 
 
@@ -260,22 +254,8 @@ class VmapInterpreter(Interpreter):
                     out = direct(*values, **kwargs)
             else:
                 out = direct(*values, **kwargs)
-            if isinstance(out, Tensor):  # make_batched(out, layout, self), inlined
-                dtype = out.dtype
-                if not (dtype.is_floating_point or dtype.is_complex):
-                    integer_tracer_made()  # See NOTE [Patches while transforms run]
-                shape = out.shape
-                strides = out.stride()
-                if layout == 0:
-                    shape, strides = shape[1:], strides[1:]
-                else:
-                    shape = shape[:layout] + shape[layout + 1 :]
-                    strides = strides[:layout] + strides[layout + 1 :]
-                t = _make_wrapper_subclass(BatchedTensor, shape, strides, None, None, dtype, _STRIDED, out.device)
-                t._value = out
-                t._bdim = layout
-                t._interp = self
-                return t
+            if isinstance(out, Tensor):
+                return make_batched(out, layout, self)
             return self.wrap((out, layout))  # several outputs (frexp, ...)
 
         rule, inplace = plan.rule, plan.inplace
